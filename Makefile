@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Both build .venv on first use (re-installing only when a requirements file changes).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= outputs/demo
+
+.PHONY: setup test test-all demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing dependencies into $(VENV) (first run only) ..."
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	@touch $@
+
+test: $(STAMP)
+	@$(PY) -m pytest -q
+
+demo: $(STAMP)
+	@$(PY) -m dataset.prepare_demo --out $(DEMO_OUT)/data
+
+bench: $(STAMP)
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) -m benchmarks.$$(basename $$f .py); done
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs
