@@ -1,0 +1,34 @@
+"""CT / X-ray I/O, preprocessing (HU -> [-1, 1], axes -> (B, C, D, H, W)), DRRs, manifests and datamodules."""
+
+from dataset.ct_datamodule import CTDataModule
+from dataset.dataset_info import DatasetInfo
+from dataset.drr import DRRGeometry, render_drr_pair
+from dataset.intensity import HUWindow
+from dataset.io import atomic_save_torch, atomic_write, atomic_write_json, load_xray, read_ct, write_nifti
+from dataset.manifest import Manifest
+from dataset.paired_datamodule import PairedDataModule
+from dataset.paired_dataset import PairedDataset
+from dataset.phantom import chest_phantom
+from dataset.preprocess import Preprocessor
+from dataset.volume import image_to_volume, volume_to_image
+
+__all__ = [
+    "CTDataModule",
+    "DRRGeometry",
+    "DatasetInfo",
+    "HUWindow",
+    "Manifest",
+    "PairedDataModule",
+    "PairedDataset",
+    "Preprocessor",
+    "atomic_save_torch",
+    "atomic_write",
+    "atomic_write_json",
+    "chest_phantom",
+    "image_to_volume",
+    "load_xray",
+    "read_ct",
+    "render_drr_pair",
+    "volume_to_image",
+    "write_nifti",
+]

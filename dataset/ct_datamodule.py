@@ -1,0 +1,131 @@
+"""Lightning datamodule of CT volumes: random 3D patches (TorchIO Queue) or whole volumes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torchio as tio
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+
+from dataset.dataset_info import window_for
+from dataset.intensity import HUWindow
+from dataset.manifest import Manifest
+from dataset.volume import ORIENTATION, lpi_to_dhw
+
+
+class CTCollate:
+    """Collate TorchIO subjects/patches into ``{"ct": (B, 1, D, H, W) in [-1, 1], "subject_id": list[str]}``."""
+
+    def __init__(self, window: HUWindow) -> None:
+        self.window = window
+
+    def __call__(self, subjects: list[tio.Subject]) -> dict:
+        # subjects are LPI (ToOrientation in the dataset), so a permutation gives (C, D, H, W)
+        ct = torch.stack([self.window.to_unit(lpi_to_dhw(s["ct"].data)) for s in subjects])
+        return {"ct": ct, "subject_id": [str(s["subject_id"]) for s in subjects]}
+
+
+class _PatchStream(IterableDataset):
+    """Iterates one epoch of a :class:`tio.Queue` and advances its DistributedSampler's epoch.
+
+    An iterable dataset, so Lightning does not wrap the queue in a second DistributedSampler over
+    patches (the subjects are already sharded by the queue's subject sampler).
+    """
+
+    def __init__(self, queue: tio.Queue, subject_sampler: DistributedSampler | None) -> None:
+        self.queue, self.subject_sampler, self.epoch = queue, subject_sampler, 0
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def __iter__(self):
+        if self.subject_sampler is not None:
+            self.subject_sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        for i in range(len(self.queue)):
+            yield self.queue[i]
+
+
+class CTDataModule(L.LightningDataModule):
+    """CT volumes from a manifest for autoencoder training.
+
+    Train: random ``patch_size^3`` patches through a :class:`tio.Queue` (``samples_per_volume`` per
+    subject, subjects sharded by a DistributedSampler when ``torch.distributed`` is initialised), or
+    whole shuffled volumes when ``patch_size`` is None. Val / test: whole volumes.
+    Batches: ``{"ct": float32 (B, 1, D, H, W) in [-1, 1], "subject_id": list[str]}``.
+
+    Args:
+        manifest: path of ``manifest.csv``.
+        patch_size: cubic training patch edge in voxels, or None for whole volumes.
+        samples_per_volume: patches drawn from each loaded subject.
+        queue_length: maximum patches held by the queue.
+        batch_size: training batch size.
+        num_workers: workers loading subjects (inside the queue for patches).
+        val_batch_size: batch size for val / test volumes.
+        hu_min, hu_max: HU window; default from ``dataset.json`` next to the manifest.
+    """
+
+    def __init__(self, manifest: str | os.PathLike, patch_size: int | None = 32, samples_per_volume: int = 4,
+                 queue_length: int = 32, batch_size: int = 2, num_workers: int = 0, val_batch_size: int = 1,
+                 hu_min: float | None = None, hu_max: float | None = None) -> None:
+        super().__init__()
+        if patch_size is not None and patch_size < 1:
+            raise ValueError(f"patch_size={patch_size}; expected a positive int or None")
+        if min(samples_per_volume, queue_length, batch_size, val_batch_size) < 1 or num_workers < 0:
+            raise ValueError("samples_per_volume, queue_length, batch_size, val_batch_size must be >= 1, "
+                             f"num_workers >= 0; got {samples_per_volume}, {queue_length}, {batch_size}, "
+                             f"{val_batch_size}, {num_workers}")
+        self.manifest_path = Path(manifest)
+        self.patch_size, self.samples_per_volume, self.queue_length = patch_size, samples_per_volume, queue_length
+        self.batch_size, self.num_workers, self.val_batch_size = batch_size, num_workers, val_batch_size
+        self.window = window_for(self.manifest_path, hu_min, hu_max)
+        self.collate = CTCollate(self.window)
+        self.datasets: dict[str, tio.SubjectsDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and validate the manifest and build one subjects dataset per split."""
+        manifest = Manifest.load(self.manifest_path)
+        transform = tio.ToOrientation(ORIENTATION)
+        self.datasets = {
+            split: tio.SubjectsDataset(
+                [tio.Subject(ct=tio.ScalarImage(p), subject_id=s) for s, p in zip(rows["subject_id"], rows["ct"])],
+                transform=transform,
+            )
+            for split in ("train", "val", "test")
+            for rows in [manifest.split(split)]
+        }
+        if len(self.datasets["train"]) == 0:
+            raise ValueError(f"{self.manifest_path}: no subjects in split 'train'")
+
+    def _volumes(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if not self.datasets:
+            self.setup()
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=self.collate, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.patch_size is None:
+            return self._volumes("train", self.batch_size, shuffle=True)
+        if not self.datasets:
+            self.setup()
+        subjects = self.datasets["train"]
+        shape = subjects[0]["ct"].spatial_shape
+        if self.patch_size > min(shape):
+            raise ValueError(f"patch_size={self.patch_size} exceeds the volume shape {tuple(shape)}")
+        sampler = DistributedSampler(subjects, shuffle=True) if dist.is_available() and dist.is_initialized() else None
+        queue = tio.Queue(subjects, max_length=self.queue_length, samples_per_volume=self.samples_per_volume,
+                          sampler=tio.UniformSampler(self.patch_size), subject_sampler=sampler,
+                          num_workers=self.num_workers, shuffle_subjects=sampler is None)
+        # the queue's own workers load subjects; its patch loader must stay in the main process
+        return DataLoader(_PatchStream(queue, sampler), batch_size=self.batch_size, num_workers=0,
+                          collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._volumes("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._volumes("test", self.val_batch_size, shuffle=False)

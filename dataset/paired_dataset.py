@@ -1,0 +1,74 @@
+"""Paired samples (AP, LAT, optionally CT and latent) from a prepared dataset's manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from dataset.intensity import HUWindow
+from dataset.io import load_xray, read_ct
+from dataset.volume import image_to_volume
+
+LOADABLE = ("ap", "lat", "ct", "latent")
+
+
+class PairedDataset(Dataset):
+    """One item per manifest row.
+
+    Args:
+        frame: manifest rows with absolute paths (``Manifest.split(...)``).
+        load: which of ``"ap"``, ``"lat"``, ``"ct"``, ``"latent"`` to read.
+        window: HU window for the CT's [-1, 1] mapping.
+
+    Items are dicts: ``"ap"`` / ``"lat"`` float32 ``(1, h, w)`` in [0, 1], ``"ct"`` float32
+    ``(1, D, H, W)`` in [-1, 1], ``"latent"`` the tensor stored in the row's ``latent`` file,
+    ``"label"`` a long scalar, ``"subject_id"`` a str. Default collation stacks them into batches.
+    """
+
+    def __init__(self, frame: pd.DataFrame, load: Sequence[str] = ("ap", "lat"), window: HUWindow = HUWindow()) -> None:
+        bad = [k for k in load if k not in LOADABLE]
+        if bad or not load:
+            raise ValueError(f"load={tuple(load)!r} is invalid; expected a non-empty subset of {LOADABLE}")
+        missing = [k for k in load if k not in frame.columns]
+        if missing:
+            raise ValueError(f"manifest has no column(s) {missing} to load; columns are {list(frame.columns)}")
+        self.frame = frame.reset_index(drop=True)
+        self.load = tuple(load)
+        self.window = window
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.frame.iloc[index]
+        sid = str(row["subject_id"])
+        item: dict = {}
+        for key in self.load:
+            if key in ("ap", "lat"):
+                item[key] = load_xray(row[key])
+            elif key == "ct":
+                volume, _ = image_to_volume(read_ct(row[key], check=False))
+                item[key] = self.window.to_unit(volume)
+            else:
+                item[key] = _load_latent(row[key])
+        if "ap" in item and "lat" in item and item["ap"].shape != item["lat"].shape:
+            raise ValueError(f"subject {sid}: AP {tuple(item['ap'].shape)} and LAT {tuple(item['lat'].shape)} "
+                             f"differ in size ({row['ap']}, {row['lat']}); expected one detector size")
+        item["label"] = torch.tensor(int(row["label"]), dtype=torch.long)
+        item["subject_id"] = sid
+        return item
+
+
+def _load_latent(path: str) -> torch.Tensor:
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such latent file") from None
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a torch tensor file ({type(e).__name__}: {e})") from e
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{path}: holds a {type(x).__name__}; expected a latent tensor")
+    return x

@@ -1,0 +1,260 @@
+"""``python -m dataset.prepare --input DIR --out DIR``: CT folder -> preprocessed volumes + DRR pairs + manifest.
+
+Reads every CT in ``--input`` (``.nii`` / ``.nii.gz`` / ``.pt`` files and DICOM series folders, one
+subject each, id = file or folder name), preprocesses it (:class:`dataset.preprocess.Preprocessor`),
+renders its AP and lateral DRRs (:mod:`dataset.drr`) and writes the prepared-dataset layout::
+
+    OUT/manifest.csv  OUT/dataset.json  OUT/ct/<id>.nii.gz (HU, int16)  OUT/xray/<id>/{AP,LAT}.pt
+
+Every file is written atomically. Subjects whose three outputs exist are skipped (resume); a
+subject that fails is recorded with its reason and the rest go on. Exit code 0 when at least one
+subject is ready, 2 for bad arguments or when every subject fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torchio as tio
+from tqdm import tqdm
+
+from dataset.dataset_info import FILE_NAME, DatasetInfo
+from dataset.drr import DRRGeometry, render_drr_pair
+from dataset.intensity import HUWindow
+from dataset.io import atomic_save_torch, ct_subject_id, is_ct_source, read_ct, write_nifti
+from dataset.manifest import Manifest, assign_splits
+from dataset.preprocess import Preprocessor, preprocessed_volume
+
+MANIFEST_NAME = "manifest.csv"
+
+
+@dataclass
+class PrepareSummary:
+    """Outcome of one :func:`prepare_dataset` run."""
+
+    prepared: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    manifest: Path | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.prepared) + len(self.skipped) + len(self.failed)
+
+    def format(self) -> str:
+        """Human-readable multi-line summary."""
+        lines = [f"{self.total} subjects: {len(self.prepared)} prepared, {len(self.skipped)} skipped "
+                 f"(already done), {len(self.failed)} failed"]
+        lines += [f"  failed {sid}: {why}" for sid, why in self.failed.items()]
+        if self.manifest is not None:
+            lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+def subject_paths(out: Path, subject_id: str) -> dict[str, Path]:
+    """Output files of one subject in the prepared-dataset layout (keys ``ct``, ``ap``, ``lat``)."""
+    return {"ct": out / "ct" / f"{subject_id}.nii.gz",
+            "ap": out / "xray" / subject_id / "AP.pt",
+            "lat": out / "xray" / subject_id / "LAT.pt"}
+
+
+def prepare_subject(image: tio.ScalarImage, paths: dict[str, Path], preprocessor: Preprocessor,
+                    geometry: DRRGeometry) -> None:
+    """Preprocess one CT (HU), render its DRR pair and write the three files atomically.
+
+    The DRRs are rendered from the int16-rounded HU volume that is stored, so they match it exactly.
+    X-rays are saved as float32 ``(1, rows, cols)`` in [0, 1].
+    """
+    pre = preprocessor(image)
+    pre = tio.ScalarImage(tensor=pre.data.round(), affine=pre.affine)
+    volume, spacing = preprocessed_volume(pre, preprocessor.window)
+    with torch.no_grad():
+        ap, lat = render_drr_pair(volume, spacing, geometry, preprocessor.window)
+    atomic_save_torch(ap.contiguous(), paths["ap"])
+    atomic_save_torch(lat.contiguous(), paths["lat"])
+    write_nifti(pre, paths["ct"], dtype=torch.int16)
+
+
+def _remove_partial(paths: dict[str, Path]) -> None:
+    for p in paths.values():
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    with contextlib.suppress(OSError):
+        paths["ap"].parent.rmdir()
+
+
+def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], out: str | Path,
+                    preprocessor: Preprocessor, geometry: DRRGeometry, seed: int = 0,
+                    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), labels: dict[str, int] | None = None,
+                    extra_info: dict | None = None, progress: bool = True) -> PrepareSummary:
+    """Prepare a dataset from ``(subject_id, load_ct)`` pairs; the core of both CLIs.
+
+    Args:
+        items: subject id and a callable that returns its CT in HU (called only when not done yet).
+        out: output folder (created; may hold an earlier run with the same settings).
+        preprocessor: preprocessing settings; ``preprocessor.fit`` must be False (one spacing per dataset).
+        geometry: DRR geometry for both views.
+        seed: split seed (splits already in ``out/manifest.csv`` are kept).
+        fractions: ``(train, val, test)`` split fractions.
+        labels: integer label per subject id (default 0).
+        extra_info: extra JSON-able fields for dataset.json.
+        progress: show a tqdm bar.
+
+    Returns:
+        The summary. ``manifest.csv`` and ``dataset.json`` are written only if a subject is ready.
+
+    Raises:
+        ValueError: duplicate subject ids, ``fit`` preprocessing, or ``out`` prepared with other settings.
+    """
+    out = Path(out)
+    ids = [sid for sid, _ in items]
+    dup = sorted({s for s in ids if ids.count(s) > 1})
+    if dup:
+        raise ValueError(f"duplicate subject ids {dup[:5]} in the input; expected one CT per id")
+    if preprocessor.fit:
+        raise ValueError("Preprocessor(fit=True) gives each CT its own spacing; a dataset needs one fixed spacing")
+    info = DatasetInfo(window=preprocessor.window, spacing=preprocessor.spacing, shape=preprocessor.shape,
+                       geometry=geometry, split_seed=seed,
+                       extra={"preprocess": preprocessor.to_dict(), "split_fractions": list(fractions),
+                              **(extra_info or {})})
+    info_path = out / FILE_NAME
+    if info_path.is_file():
+        old = DatasetInfo.load(info_path)
+        if old.to_dict() != info.to_dict():
+            diff = sorted(k for k in info.to_dict() if old.to_dict().get(k) != info.to_dict()[k])
+            raise ValueError(f"{out}: already holds a dataset prepared with different settings ({', '.join(diff)}); "
+                             "expected the same settings to resume, or a new --out")
+    out_existed = out.exists()
+    summary = PrepareSummary()
+    for sid, load in tqdm(items, desc="prepare", unit="subject", disable=not progress):
+        paths = subject_paths(out, sid)
+        if all(p.is_file() for p in paths.values()):
+            summary.skipped.append(sid)
+            continue
+        try:
+            prepare_subject(load(), paths, preprocessor, geometry)
+        except Exception as e:  # one bad subject must not stop the others; the reason is reported
+            _remove_partial(paths)
+            summary.failed[sid] = f"{type(e).__name__}: {e}"
+            continue
+        summary.prepared.append(sid)
+    done = [sid for sid in ids if sid in set(summary.prepared) | set(summary.skipped)]
+    if not done:
+        if not out_existed:
+            for sub in ("xray", "ct", ""):
+                with contextlib.suppress(OSError):
+                    (out / sub).rmdir()
+        return summary
+    manifest_path = out / MANIFEST_NAME
+    existing = {}
+    if manifest_path.is_file():
+        old_frame = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+        if {"subject_id", "split"} <= set(old_frame.columns):
+            existing = dict(zip(old_frame["subject_id"], old_frame["split"]))
+    splits = assign_splits(done, seed, fractions, existing)
+    labels = labels or {}
+    rows = [{"subject_id": sid, **{k: str(p) for k, p in subject_paths(out, sid).items()},
+             "label": int(labels.get(sid, 0)), "split": splits[sid]} for sid in done]
+    Manifest.write(pd.DataFrame(rows), manifest_path)
+    info.save(info_path)
+    summary.manifest = manifest_path
+    return summary
+
+
+def find_cts(input_dir: Path) -> list[tuple[str, Path]]:
+    """CT sources directly inside ``input_dir`` as sorted ``(subject_id, path)`` pairs."""
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"{input_dir}: no such folder; expected a folder of CTs")
+    found = [(ct_subject_id(p), p) for p in sorted(input_dir.iterdir()) if is_ct_source(p)]
+    if not found:
+        raise ValueError(f"{input_dir}: holds no CTs; expected .nii, .nii.gz, .pt files or DICOM series folders")
+    return found
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """A ``subject_id,label`` CSV as a dict."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such labels file; expected a CSV with subject_id,label")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"subject_id", "label"} <= set(frame.columns):
+        raise ValueError(f"{path}: missing columns; expected subject_id,label")
+    try:
+        return {s: int(v) for s, v in zip(frame["subject_id"], frame["label"])}
+    except ValueError as e:
+        raise ValueError(f"{path}: label column holds non-integers ({e})") from e
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _triple_arg(values: list[float], name: str) -> tuple:
+    if len(values) not in (1, 3):
+        raise ValueError(f"--{name} takes one or three values (D H W), got {len(values)}")
+    return tuple(values) * 3 if len(values) == 1 else tuple(values)
+
+
+def build_parser() -> OneLineParser:
+    """The ``dataset.prepare`` argument parser."""
+    p = OneLineParser(prog="python -m dataset.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--input", type=Path, required=True, help="folder of CTs (.nii/.nii.gz/.pt files, DICOM folders)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (prepared-dataset layout)")
+    p.add_argument("--size", type=int, nargs="+", default=[256], help="target shape D H W (or one value)")
+    p.add_argument("--spacing", type=float, nargs="+", default=[1.5], help="target spacing mm D H W (or one)")
+    p.add_argument("--hu-min", type=float, default=-1000.0, help="HU window lower end (maps to -1)")
+    p.add_argument("--hu-max", type=float, default=1000.0, help="HU window upper end (maps to +1)")
+    p.add_argument("--drr-size", type=int, default=256, help="detector pixels (square)")
+    p.add_argument("--sdd", type=float, default=1500.0, help="source-to-detector distance, mm")
+    p.add_argument("--sid", type=float, default=1000.0, help="source-to-isocentre distance, mm")
+    p.add_argument("--pixel-spacing", type=float, default=None,
+                   help="detector pixel pitch, mm (default: the whole volume fits the detector)")
+    p.add_argument("--wet-scale", type=float, default=250.0, help="DRR contrast: water-equivalent mm -> 1-1/e")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--labels", type=Path, default=None, help="CSV subject_id,label (default label 0)")
+    p.add_argument("--pt-spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0],
+                   help="spacing mm (D H W) of .pt tensors that do not store one")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        pre = Preprocessor(shape=_triple_arg(args.size, "size"), spacing=_triple_arg(args.spacing, "spacing"),
+                           window=HUWindow(args.hu_min, args.hu_max))
+        if args.pixel_spacing is None:
+            geometry = DRRGeometry.fit(pre.shape, pre.spacing, args.drr_size, args.sdd, args.sid, args.wet_scale)
+        else:
+            geometry = DRRGeometry(args.sdd, args.sid, (args.drr_size, args.drr_size), args.pixel_spacing,
+                                   args.wet_scale)
+        labels = read_labels(args.labels) if args.labels is not None else None
+        sources = find_cts(args.input)
+        pt_spacing = tuple(args.pt_spacing)
+        items = [(sid, lambda p=path: read_ct(p, pt_spacing=pt_spacing)) for sid, path in sources]
+        summary = prepare_dataset(items, args.out, pre, geometry, args.seed, tuple(args.split), labels,
+                                  extra_info={"source": str(args.input.resolve())}, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    if summary.manifest is None:
+        print(f"{parser.prog}: error: all {summary.total} subjects failed; nothing written", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
