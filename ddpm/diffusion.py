@@ -1,0 +1,241 @@
+"""Diffusion process in latent space: noising, training targets, x0 recovery, sampling loops, CFG.
+
+Noise schedules and update rules come from ``monai.networks.schedulers`` (DDPM, DDIM, rectified
+flow); this module adds what they leave open: the training target by name (eps | v | x0), the loss,
+x0 recovery, a sampling loop that takes a ``torch.Generator``, and classifier-free guidance. The
+network is passed in as a function ``model_fn(x_t, t) -> prediction``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from torch import nn
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_MONAI_TARGET = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+PROCESSES = ("ddpm", "rflow")
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "rflow": ("rflow",)}
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class Diffusion:
+    """Noise process, training loss and sampler for one configuration.
+
+    Args:
+        process: ``"ddpm"`` (Gaussian, variance-preserving) or ``"rflow"`` (rectified flow).
+        target: what the network predicts: ``"eps"``, ``"v"`` or ``"x0"``; rectified flow only takes
+            ``"v"`` (velocity x0 - noise, MONAI's convention).
+        num_train_timesteps: T; timesteps are integers in [0, T).
+        schedule: MONAI beta schedule name for ``ddpm`` (``linear_beta``, ``scaled_linear_beta``,
+            ``sigmoid_beta``, ``cosine``).
+        sampler: default sampler: ``"ddim"`` or ``"ddpm"`` for ``ddpm``; ``"rflow"`` for ``rflow``.
+        num_inference_steps: default sampling steps.
+        eta: DDIM stochasticity (0 = deterministic).
+    """
+
+    def __init__(
+        self,
+        process: str = "ddpm",
+        target: str = "eps",
+        num_train_timesteps: int = 1000,
+        schedule: str = "cosine",
+        sampler: str = "ddim",
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+    ) -> None:
+        if process not in PROCESSES:
+            raise ValueError(f"process={process!r}, expected one of {PROCESSES}")
+        if target not in _MONAI_TARGET:
+            raise ValueError(f"target={target!r}, expected one of {tuple(_MONAI_TARGET)}")
+        if process == "rflow" and target != "v":
+            raise ValueError(f"rectified flow predicts the velocity; target must be 'v', got {target!r}")
+        if sampler not in SAMPLERS[process]:
+            raise ValueError(f"sampler={sampler!r} does not fit process={process!r}; expected {SAMPLERS[process]}")
+        self.process = process
+        self.target = target
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.schedule = schedule
+        self.sampler = sampler
+        self.num_inference_steps = int(num_inference_steps)
+        self.eta = float(eta)
+        if process == "ddpm":
+            self.scheduler = DDPMScheduler(
+                num_train_timesteps, schedule=schedule, clip_sample=False, prediction_type=_MONAI_TARGET[target]
+            )
+        else:
+            self.scheduler = RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True)
+
+    def hparams(self) -> dict:
+        """Plain-dict configuration (what a checkpoint stores to rebuild this object)."""
+        return {
+            "process": self.process,
+            "target": self.target,
+            "num_train_timesteps": self.num_train_timesteps,
+            "schedule": self.schedule,
+            "sampler": self.sampler,
+            "num_inference_steps": self.num_inference_steps,
+            "eta": self.eta,
+        }
+
+    # ------------------------------------------------------------------ training
+    def sample_timesteps(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n,) long timesteps uniform in [0, T)."""
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=gen_device).to(device)
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        ab = self.scheduler.alphas_cumprod.to(device=t.device)[t.long()]
+        return _bcast(ab, like).float()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t from x0 (B, C, D, H, W), noise (same) and t (B,), computed in fp32."""
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            if self.process == "ddpm":
+                ab = self._alpha_bar(t, x0)
+                return ab.sqrt() * x0.float() + (1 - ab).sqrt() * noise.float()
+            return self.scheduler.add_noise(x0.float(), noise.float(), t)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target for the configured ``target``."""
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            x0, noise = x0.float(), noise.float()
+            if self.process == "rflow":
+                return x0 - noise
+            if self.target == "eps":
+                return noise
+            if self.target == "x0":
+                return x0
+            ab = self._alpha_bar(t, x0)
+            return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """Invert a network prediction to the clean latent x0 (fp32)."""
+        with torch.autocast(device_type=x_t.device.type, enabled=False):
+            x_t, pred = x_t.float(), prediction.float()
+            if self.process == "rflow":
+                s = _bcast(t.float() / self.num_train_timesteps, x_t)
+                return x_t + s * pred
+            if self.target == "x0":
+                return pred
+            ab = self._alpha_bar(t, x_t)
+            if self.target == "eps":
+                return (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+            return ab.sqrt() * x_t - (1 - ab).sqrt() * pred
+
+    def training_loss(
+        self,
+        model_fn: ModelFn,
+        x0: torch.Tensor,
+        t: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Mean squared error between ``model_fn(x_t, t)`` and the target.
+
+        Args:
+            model_fn: network closure taking (x_t (B, C, D, H, W), t (B,)).
+            x0: (B, C, D, H, W) clean normalised latents.
+            t: optional fixed (B,) timesteps (validation); sampled uniformly otherwise.
+            generator: RNG for timesteps and noise (on x0's device).
+
+        Returns:
+            scalar fp32 loss.
+        """
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        x_t = self.add_noise(x0, noise, t)
+        pred = model_fn(x_t, t)
+        return nn.functional.mse_loss(pred.float(), self.training_target(x0, noise, t))
+
+    # ------------------------------------------------------------------ sampling
+    def make_sampler(self, sampler: str | None = None):
+        """A fresh MONAI scheduler for sampling (schedulers keep per-run state)."""
+        sampler = sampler or self.sampler
+        if sampler not in SAMPLERS[self.process]:
+            raise ValueError(f"sampler={sampler!r} does not fit process={self.process!r}; expected {SAMPLERS[self.process]}")
+        kw = dict(schedule=self.schedule, clip_sample=False, prediction_type=_MONAI_TARGET[self.target])
+        if sampler == "ddim":
+            return DDIMScheduler(self.num_train_timesteps, **kw)
+        if sampler == "ddpm":
+            return DDPMScheduler(self.num_train_timesteps, **kw)
+        return RFlowScheduler(self.num_train_timesteps, use_discrete_timesteps=True)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: ModelFn,
+        noise: torch.Tensor,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        sampler: str | None = None,
+    ) -> torch.Tensor:
+        """Run the reverse process from pure noise.
+
+        Args:
+            model_fn: network closure (x_t, t) -> prediction (use :func:`guided` for CFG).
+            noise: (B, C, D, H, W) starting noise (draw it with the same generator for reproducibility).
+            generator: RNG for stochastic samplers (DDPM, DDIM with eta > 0), on the noise's device.
+            num_inference_steps: defaults to the configured value.
+            sampler: defaults to the configured sampler.
+
+        Returns:
+            (B, C, D, H, W) fp32 sample (normalised latent space).
+        """
+        steps = int(num_inference_steps or self.num_inference_steps)
+        sched = self.make_sampler(sampler)
+        sched.set_timesteps(steps, device=noise.device)
+        timesteps = sched.timesteps
+        x = noise.float()
+        b = x.shape[0]
+        for i, t in enumerate(timesteps):
+            t_batch = torch.full((b,), int(t), device=x.device, dtype=torch.long)
+            pred = model_fn(x, t_batch).float()
+            if isinstance(sched, RFlowScheduler):
+                nxt = int(timesteps[i + 1]) if i + 1 < len(timesteps) else 0
+                x, _ = sched.step(pred, int(t), x, nxt)
+            elif isinstance(sched, DDIMScheduler):
+                x, _ = sched.step(pred, int(t), x, eta=self.eta, generator=generator)
+            else:
+                x, _ = sched.step(pred, int(t), x, generator=generator)
+        return x
+
+
+def guided(
+    model: nn.Module,
+    guidance_scale: float = 1.0,
+    y: torch.Tensor | None = None,
+    ap: torch.Tensor | None = None,
+    lat: torch.Tensor | None = None,
+) -> ModelFn:
+    """Wrap a BiFlowNet-like model as ``model_fn(x_t, t)`` with classifier-free guidance.
+
+    prediction = uncond + scale * (cond - uncond). With scale 1 the conditional prediction is returned
+    exactly (one forward pass); otherwise conditional and unconditional halves run as one batch.
+
+    Args:
+        model: callable ``model(x, t, y=, ap=, lat=, drop=)``.
+        guidance_scale: CFG scale (1 = plain conditional model).
+        y: (B,) labels or None; ap, lat: (B, 1, H, W) X-rays or None.
+    """
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if guidance_scale == 1.0:
+            return model(x, t, y=y, ap=ap, lat=lat, drop=torch.zeros(b, dtype=torch.bool, device=x.device))
+        two = lambda v: None if v is None else torch.cat([v, v], dim=0)  # noqa: E731
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+        out = model(two(x), two(t), y=two(y), ap=two(ap), lat=two(lat), drop=drop)
+        cond, uncond = out.float().chunk(2, dim=0)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return fn
+
+
+__all__ = ["Diffusion", "PROCESSES", "SAMPLERS", "guided"]

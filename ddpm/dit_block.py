@@ -1,0 +1,164 @@
+"""DiT transformer block with adaLN-Zero conditioning and optional cross-attention to X-ray tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x (N, T, C), shift/scale (N, C)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention (SDPA) from latent tokens to context tokens.
+
+    The output projection starts at zero so a freshly built block ignores the context until trained.
+
+    Args:
+        dim: query width.
+        context_dim: key/value (context token) width.
+        num_heads: attention heads; ``dim`` must be divisible by it.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross-attention width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from every query to the context of its own batch element.
+
+        Args:
+            x: (B, L, dim) queries (all tokens of all sub-volumes of one volume in a row).
+            context: (B, M, context_dim) X-ray tokens.
+            mask: optional (L, M) bool, True where a query may attend to a context token.
+
+        Returns:
+            (B, L, dim) residual update.
+        """
+        q = rearrange(self.q(self.norm(x)), "b l (h c) -> b h l c", h=self.num_heads)
+        k, v = rearrange(self.kv(context), "b m (two h c) -> two b h m c", two=2, h=self.num_heads)
+        attn_mask = None if mask is None else mask[None, None]  # (1, 1, L, M) broadcast over batch and heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(rearrange(out, "b h l c -> b l (h c)"))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block over the tokens of each latent sub-volume (DiT adaLN-Zero).
+
+    Self-attention and MLP are modulated (shift, scale, gate) by the conditioning vector; the gates
+    come from a zero-initialised linear layer, so a new block is the identity map. With
+    ``context_dim`` set, a cross-attention sub-layer reads X-ray tokens. With ``skip`` set, a long
+    skip from the matching input block is fused first (U-ViT style).
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        cond_dim: conditioning vector width.
+        mlp_ratio: hidden width of the MLP relative to ``dim``.
+        context_dim: X-ray token width, or None for no cross-attention.
+        skip: whether ``forward`` takes a long-skip tensor.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        cond_dim: int,
+        mlp_ratio: float = 4.0,
+        context_dim: int | None = None,
+        skip: bool = False,
+    ) -> None:
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)  # timm: SDPA when available
+        self.cross = CrossAttention(dim, context_dim, num_heads) if context_dim else None
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+
+    def zero_init(self) -> None:
+        """adaLN-Zero: all gates, shifts and scales start at zero; cross-attention output too."""
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        if self.cross is not None:
+            nn.init.zeros_(self.cross.proj.weight)
+            nn.init.zeros_(self.cross.proj.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Update tokens.
+
+        Args:
+            x: (B*n, T, dim) tokens, sub-volume-major within each batch element.
+            c: (B*n, cond_dim) conditioning per sub-volume.
+            context: (B, M, context_dim) X-ray tokens (required when built with ``context_dim``).
+            mask: (n*T, M) bool footprint mask or None.
+            skip: (B*n, T, dim) long skip (required when built with ``skip=True``).
+
+        Returns:
+            (B*n, T, dim).
+        """
+        if self.skip_linear is not None:
+            if skip is None:
+                raise ValueError("this DiTBlock was built with skip=True and needs a skip tensor")
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross is not None:
+            if context is None:
+                raise ValueError("this DiTBlock cross-attends and needs context tokens")
+            b = context.shape[0]
+            xs = rearrange(x, "(b n) t c -> b (n t) c", b=b)  # one query row per token of the volume
+            x = x + rearrange(self.cross(xs, context, mask), "b (n t) c -> (b n) t c", t=x.shape[1])
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated projection of tokens to voxel features (zero-initialised).
+
+    Args:
+        dim: token width.
+        cond_dim: conditioning width.
+        patch: voxels per token along each axis.
+        out_channels: channels per voxel.
+    """
+
+    def __init__(self, dim: int, cond_dim: int, patch: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch**3 * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+
+    def zero_init(self) -> None:
+        """Start with zero output so the U-Net initially ignores the intra-patch flow."""
+        for layer in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(N, T, dim), (N, cond_dim) -> (N, T, patch**3 * out_channels)."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+__all__ = ["CrossAttention", "DiTBlock", "FinalLayer", "modulate"]

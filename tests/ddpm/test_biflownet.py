@@ -1,0 +1,131 @@
+"""BiFlowNet, DiT blocks, X-ray encoder and projection geometry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm import BiFlowNet, CrossAttention, DiTBlock, XrayEncoder, guided
+from ddpm.projection import back_project, footprint_mask, parallel_projection_grids
+from tests.ddpm.conftest import XRAY, randomize, tiny_network
+
+MODES = [
+    {"cross_attention": "none", "xray": None, "num_classes": 2},
+    {"cross_attention": "full"},
+    {"cross_attention": "footprint"},
+    {"cross_attention": "none", "back_projection": True},
+    {"cross_attention": "footprint", "back_projection": True, "grad_checkpointing": True},
+]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"{m['cross_attention']}-bp{m.get('back_projection', False)}")
+def test_output_shape_equals_input_shape(mode: dict, inputs: dict) -> None:
+    net = BiFlowNet(**tiny_network(**mode)).train()
+    out = net(**inputs)
+    assert out.shape == inputs["x"].shape
+    out.square().mean().backward()  # grad checkpointing path runs backward too
+    assert net.t_embedder.mlp[0].weight.grad is not None
+
+
+def test_output_starts_at_zero_and_dit_block_is_identity(inputs: dict) -> None:
+    net = BiFlowNet(**tiny_network())
+    assert torch.count_nonzero(net(**inputs)) == 0  # zero output convolution
+    block = DiTBlock(dim=8, num_heads=2, cond_dim=32, context_dim=16)
+    block.zero_init()
+    x = torch.randn(4, 8, 8)
+    out = block(x, torch.randn(4, 32), context=torch.randn(2, 5, 16))
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    # and the blocks inside a freshly built BiFlowNet are zero-initialised the same way
+    tok = torch.randn(2, 8, 8)
+    torch.testing.assert_close(net.dit_in[0](tok, torch.randn(2, 32), torch.randn(1, 32, 16)), tok, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES[1:], ids=lambda m: f"{m['cross_attention']}-bp{m.get('back_projection', False)}")
+def test_xrays_change_output_unless_condition_dropped(mode: dict, inputs: dict) -> None:
+    net = randomize(BiFlowNet(**tiny_network(**mode))).eval()
+    other = dict(inputs, ap=torch.rand(2, 1, 16, 16), lat=torch.rand(2, 1, 16, 16))
+    keep = torch.tensor([False, False])
+    assert not torch.allclose(net(**inputs, drop=keep), net(**other, drop=keep), atol=1e-5)
+    drop = torch.tensor([True, True])
+    torch.testing.assert_close(net(**inputs, drop=drop), net(**other, drop=drop))
+
+
+def test_cross_attention_alone_depends_on_context() -> None:
+    block = randomize(DiTBlock(dim=8, num_heads=2, cond_dim=16, context_dim=12))
+    x, c = torch.randn(2, 4, 8), torch.randn(2, 16)
+    a = block(x, c, context=torch.randn(1, 6, 12))
+    b = block(x, c, context=torch.randn(1, 6, 12))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_cfg_scale_one_is_the_conditional_prediction(inputs: dict) -> None:
+    net = randomize(BiFlowNet(**tiny_network(cross_attention="footprint"))).eval()
+    x, t = inputs["x"], inputs["t"]
+    cond = {k: inputs[k] for k in ("y", "ap", "lat")}
+    c = net(x, t, drop=torch.zeros(2, dtype=torch.bool), **cond)
+    torch.testing.assert_close(guided(net, 1.0, **cond)(x, t), c, rtol=0, atol=0)
+    u = net(x, t, drop=torch.ones(2, dtype=torch.bool), **cond)
+    torch.testing.assert_close(guided(net, 3.0, **cond)(x, t), u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_footprint_mask_is_the_projected_square() -> None:
+    grid_ap, grid_lat = parallel_projection_grids((8, 8, 8))
+    mask = footprint_mask(grid_ap, grid_lat, sub_volume=4, token_grid_hw=(4, 4), tokens_per_sub_volume=1)
+    assert mask.shape == (8, 32)
+    # sub-volume (0, 0, 0): rows 0-1 and columns 0-1 of both 4x4 token grids
+    expected = {0, 1, 4, 5, 16, 17, 20, 21}
+    assert set(torch.nonzero(mask[0]).flatten().tolist()) == expected
+    # sub-volume (1, 0, 1) (index 5): AP rows 2-3 / cols 2-3 (w), LAT rows 2-3 / cols 0-1 (h)
+    assert set(torch.nonzero(mask[5]).flatten().tolist()) == {10, 11, 14, 15, 24, 25, 28, 29}
+
+
+def test_footprint_cross_attention_ignores_tokens_outside_the_footprint() -> None:
+    grid_ap, grid_lat = parallel_projection_grids((8, 8, 8))
+    mask = footprint_mask(grid_ap, grid_lat, 4, (4, 4), tokens_per_sub_volume=2)  # (8 sub-volumes * 2, 32)
+    attn = randomize(CrossAttention(dim=8, context_dim=6, num_heads=2))
+    q, ctx = torch.randn(1, 16, 8), torch.randn(1, 32, 6)
+    changed = ctx.clone()
+    changed[:, ~mask[0]] = torch.randn_like(changed[:, ~mask[0]])  # everything sub-volume 0 cannot see
+    a, b = attn(q, ctx, mask), attn(q, changed, mask)
+    torch.testing.assert_close(a[:, :2], b[:, :2])  # sub-volume 0's queries unchanged
+    assert (a[:, 2:] - b[:, 2:]).abs().max() > 1e-4  # the others see some of those tokens
+
+
+def test_back_projection_reads_the_pixel_of_each_ray() -> None:
+    grid_ap, grid_lat = parallel_projection_grids((4, 3, 5))
+    fmap = torch.arange(4 * 5, dtype=torch.float32).reshape(1, 1, 4, 5)  # AP detector: rows = D, cols = W
+    vol = back_project(fmap, grid_ap)
+    assert vol.shape == (1, 1, 4, 3, 5)
+    for h in range(3):
+        torch.testing.assert_close(vol[0, 0, :, h, :], fmap[0, 0])
+    lmap = torch.arange(4 * 3, dtype=torch.float32).reshape(1, 1, 4, 3)  # LAT detector: cols = H
+    torch.testing.assert_close(back_project(lmap, grid_lat)[0, 0, :, :, 2], lmap[0, 0])
+
+
+def test_xray_encoder_tokens_and_null_tokens() -> None:
+    enc = XrayEncoder(**XRAY)
+    ap, lat = torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16)
+    tokens, pooled = enc(ap, lat, drop=torch.tensor([False, True, False]))
+    assert tokens.shape == (3, 32, 16) and pooled.shape == (3, 16)
+    torch.testing.assert_close(tokens[1], enc.null_tokens[0])
+    torch.testing.assert_close(pooled[1], enc.null_pooled[0])
+    ap_map, lat_map = enc.token_maps(tokens)
+    assert ap_map.shape == lat_map.shape == (3, 16, 4, 4)
+
+
+def test_bad_inputs_raise_clear_errors(inputs: dict) -> None:
+    net = BiFlowNet(**tiny_network())
+    with pytest.raises(ValueError, match="X-ray has shape"):
+        net(**dict(inputs, ap=torch.rand(2, 1, 32, 32)))
+    with pytest.raises(ValueError, match="latent_shape"):
+        net(**dict(inputs, x=torch.randn(2, 4, 16, 8, 8)))
+    with pytest.raises(ValueError, match="expected \\(B, 4"):
+        net(**dict(inputs, x=torch.randn(2, 3, 8, 8, 8)))
+    with pytest.raises(ValueError, match="class labels"):
+        net(**dict(inputs, y=torch.tensor([0, 5])))
+    with pytest.raises(ValueError, match="pass ap and lat"):
+        net(inputs["x"], inputs["t"], inputs["y"])
+    with pytest.raises(ValueError, match="cross_attention"):
+        BiFlowNet(**tiny_network(cross_attention="sideways"))
+    with pytest.raises(ValueError, match="divisible"):
+        BiFlowNet(**tiny_network(latent_shape=[6, 8, 8]))

@@ -1,0 +1,86 @@
+"""Diffusion process: noising, targets, x0 recovery, samplers, generators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.schedulers import DDPMScheduler
+
+from ddpm import Diffusion
+
+CONFIGS = [("ddpm", "eps", "ddim"), ("ddpm", "v", "ddim"), ("ddpm", "x0", "ddim"), ("ddpm", "eps", "ddpm"), ("rflow", "v", "rflow")]
+
+
+@pytest.mark.parametrize("process,target,sampler", CONFIGS)
+def test_add_noise_then_invert_with_true_noise_recovers_x0(process: str, target: str, sampler: str) -> None:
+    diff = Diffusion(process, target, sampler=sampler)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, 4, generator=g), torch.randn(3, 2, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 421, 950])  # eps inversion is ill-conditioned at t -> T (alpha_bar -> 0)
+    x_t = diff.add_noise(x0, noise, t)
+    assert not torch.allclose(x_t[2], x0[2], atol=0.1)  # the last step is mostly noise
+    torch.testing.assert_close(diff.predict_x0(x_t, t, diff.training_target(x0, noise, t)), x0, rtol=1e-4, atol=2e-4)
+
+
+def test_gaussian_noising_matches_monai() -> None:
+    diff = Diffusion("ddpm", "v", schedule="scaled_linear_beta")
+    ref = DDPMScheduler(1000, schedule="scaled_linear_beta")
+    x0, noise, t = torch.randn(2, 1, 4, 4, 4), torch.randn(2, 1, 4, 4, 4), torch.tensor([5, 600])
+    torch.testing.assert_close(diff.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+    torch.testing.assert_close(diff.training_target(x0, noise, t), ref.get_velocity(x0, noise, t))
+
+
+def _oracle(diff: Diffusion, x0: torch.Tensor):
+    """The exact prediction for data made of the single point x0."""
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if diff.process == "rflow":
+            s = (t.float() / diff.num_train_timesteps).reshape(-1, 1, 1, 1, 1).clamp_min(1e-6)
+            noise = (x_t - (1 - s) * x0) / s
+            return x0 - noise
+        ab = diff.scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
+        noise = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return diff.training_target(x0, noise, t)
+
+    return fn
+
+
+@pytest.mark.parametrize("process,target,sampler", [c for c in CONFIGS if c[2] != "ddpm"])
+def test_sampler_with_exact_prediction_lands_on_x0(process: str, target: str, sampler: str) -> None:
+    diff = Diffusion(process, target, sampler=sampler, num_inference_steps=10)
+    x0 = torch.randn(2, 2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    out = diff.sample(_oracle(diff, x0), noise)
+    torch.testing.assert_close(out, x0, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
+def test_sampling_is_deterministic_under_a_fixed_generator(sampler: str, eta: float) -> None:
+    diff = Diffusion("ddpm", "eps", sampler=sampler, num_inference_steps=6, eta=eta)
+    model = lambda x, t: 0.1 * x + 1e-4 * t.float().reshape(-1, 1, 1, 1, 1)  # noqa: E731
+
+    def run(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return diff.sample(model, torch.randn(1, 2, 4, 4, 4, generator=g), g)
+
+    torch.testing.assert_close(run(7), run(7), rtol=0, atol=0)
+    assert not torch.allclose(run(7), run(8))
+
+
+def test_training_loss_is_zero_for_the_exact_prediction() -> None:
+    diff = Diffusion("ddpm", "v")
+    x0 = torch.randn(2, 2, 4, 4, 4)
+    loss = diff.training_loss(_oracle(diff, x0), x0, generator=torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-8
+    assert diff.training_loss(lambda x, t: torch.zeros_like(x), x0).item() > 0.1
+
+
+def test_bad_settings_raise() -> None:
+    with pytest.raises(ValueError, match="target"):
+        Diffusion("ddpm", "noise")
+    with pytest.raises(ValueError, match="velocity"):
+        Diffusion("rflow", "eps", sampler="rflow")
+    with pytest.raises(ValueError, match="sampler"):
+        Diffusion("ddpm", "eps", sampler="rflow")
+    with pytest.raises(ValueError, match="process"):
+        Diffusion("edm")
