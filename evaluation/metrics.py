@@ -31,6 +31,8 @@ import torch
 from einops import rearrange
 from monai.metrics import FIDMetric, MAEMetric, MMDMetric, PSNRMetric, SSIMMetric
 
+from dataset.intensity import HUWindow
+
 #: Data range of the project's unit intensity scale [-1, 1].
 UNIT_DATA_RANGE = 2.0
 #: Data range of X-ray / DRR tensors in [0, 1].
@@ -250,6 +252,61 @@ def slice_ssim(
     return rearrange(per_slice.reshape(-1), "(b d) -> b d", b=pred.shape[0]).mean(dim=1)
 
 
+def mae_hu(pred: torch.Tensor, ref: torch.Tensor, window: HUWindow, name: str = "volume") -> torch.Tensor:
+    """Mean absolute error in Hounsfield units (``monai.metrics.MAEMetric``), one value per batch item.
+
+    Both volumes are mapped to HU with ``window.to_hu`` (values outside [-1, 1] are clamped, exactly as
+    when a volume is saved as HU), so the error is measured within the window: at most its width.
+
+    Args:
+        pred: ``(B, C, D, H, W)`` or ``(C, D, H, W)`` in [-1, 1].
+        ref: same shape as ``pred``.
+        window: the HU window of the [-1, 1] mapping (``dataset.intensity.HUWindow``).
+        name: case name used in error messages.
+
+    Returns:
+        ``(B,)`` float tensor in HU.
+    """
+    pred, ref = _pair(pred, ref, 3, name)
+    return MAEMetric(reduction="none")(window.to_hu(pred), window.to_hu(ref)).reshape(-1)
+
+
+def volume_metrics(
+    pred: torch.Tensor,
+    ref: torch.Tensor,
+    window: HUWindow,
+    win_size: int = SSIM_WIN_SIZE,
+    name: str = "volume",
+) -> dict[str, float]:
+    """All voxel-wise metrics of one generated volume against its reference.
+
+    Both volumes are clamped to [-1, 1] first (the HU window; what saving as HU does), so in-memory
+    results equal those of the saved NIfTI files.
+
+    Args:
+        pred: one volume ``(1, D, H, W)`` (or ``(1, 1, D, H, W)``) in [-1, 1].
+        ref: same shape as ``pred``.
+        window: HU window of the [-1, 1] mapping.
+        win_size: SSIM Gaussian window size (sigma 1.5) for the 3D and the slice-wise SSIM.
+        name: case name used in error messages.
+
+    Returns:
+        ``psnr_db`` (whole volume, data range 2 = window width in HU), ``ssim_3d``, ``mae_hu``, and the
+        X2CT-compatible ``x2ct_slice_psnr_db`` and ``x2ct_slice_ssim`` (axial slice averages).
+    """
+    pred, ref = _pair(pred, ref, 3, name)
+    if pred.shape[0] != 1:
+        raise ValueError(f"{name}: volume_metrics takes one volume, got a batch of {pred.shape[0]}")
+    pred, ref = pred.clamp(-1.0, 1.0), ref.clamp(-1.0, 1.0)
+    return {
+        "psnr_db": float(psnr(pred, ref, UNIT_DATA_RANGE, name=name)),
+        "ssim_3d": float(ssim_3d(pred, ref, UNIT_DATA_RANGE, win_size=win_size, name=name)),
+        "mae_hu": float(mae_hu(pred, ref, window, name=name)),
+        "x2ct_slice_psnr_db": float(slice_psnr(pred, ref, UNIT_DATA_RANGE, name=name)),
+        "x2ct_slice_ssim": float(slice_ssim(pred, ref, UNIT_DATA_RANGE, win_size=win_size, name=name)),
+    }
+
+
 def _as_image(x: torch.Tensor, name: str) -> torch.Tensor:
     """An X-ray / DRR as ``(1, 1, H, W)`` float: accepts ``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)``."""
     if x.ndim < 2 or x.ndim > 4 or any(s != 1 for s in x.shape[:-2]):
@@ -316,7 +373,9 @@ def extract_features(
     Args:
         volumes: ``(N, 1, D, H, W)`` tensor or a sequence of ``(1, D, H, W)`` volumes in [-1, 1].
         extractor: callable (an ``nn.Module`` in eval mode) from ``(n, 1, D, H, W)`` to ``(n, F)`` or
-            ``(n, F, *spatial)``. Run on the device of its parameters if it has any.
+            ``(n, F, *spatial)``, or a list of such maps (multi-scale, e.g. ``AutoEncoder.medicalnet``'s
+            ``MedicalNetFeatures``), of which the last (deepest) is used. Run on the device of its
+            parameters if it has any.
         batch_size: volumes per forward pass.
         zscore: normalise each volume before the extractor.
 
@@ -325,10 +384,7 @@ def extract_features(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; expected >= 1")
-    if isinstance(volumes, torch.Tensor):
-        items = list(volumes)
-    else:
-        items = list(volumes)
+    items = list(volumes)  # a (N, 1, D, H, W) tensor iterates as N volumes
     if not items:
         raise ValueError("extract_features got no volumes")
     device = torch.device("cpu")
@@ -346,6 +402,8 @@ def extract_features(
                 std = batch.std(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
                 batch = (batch - mean) / std
             f = extractor(batch.to(device))
+            if isinstance(f, (list, tuple)):  # multi-scale extractors: use the deepest stage
+                f = f[-1]
             if f.ndim > 2:
                 f = f.flatten(start_dim=2).mean(dim=2)  # (n, F, *spatial) -> (n, F)
             feats.append(f.detach().double().cpu())

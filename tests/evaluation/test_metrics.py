@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dataset.intensity import HUWindow
 from evaluation import metrics
 
 
@@ -164,3 +165,58 @@ def test_extract_features_pools_and_zscores() -> None:
     assert torch.allclose(feats[0], feats[2], atol=1e-4)
     raw = metrics.extract_features(list(vols), net, zscore=False)
     assert not torch.allclose(raw[0], raw[2], atol=1e-4)
+
+
+def test_extract_features_uses_deepest_of_multiscale_outputs() -> None:
+    conv_a, conv_b = torch.nn.Conv3d(1, 3, 3), torch.nn.Conv3d(1, 7, 3)
+    feats = metrics.extract_features(_ramp((2, 1, 8, 8, 8)), lambda x: [conv_a(x), conv_b(x)])
+    assert feats.shape == (2, 7)
+
+
+@pytest.mark.parametrize(("hu_min", "hu_max"), [(-1000.0, 1000.0), (-1024.0, 3071.0)])
+def test_mae_hu_known_offset(hu_min: float, hu_max: float) -> None:
+    window = HUWindow(hu_min, hu_max)
+    ref = _ramp()
+    pred = ref + 0.1  # stays inside [-1, 1]: an offset of 0.1 * width / 2 HU everywhere
+    assert metrics.mae_hu(pred, ref, window).item() == pytest.approx(0.05 * (hu_max - hu_min), rel=1e-4)
+    assert metrics.mae_hu(ref, ref, window).item() == 0.0
+
+
+def test_volume_metrics_keys_and_identity() -> None:
+    window = HUWindow()
+    ref = _ramp((1, 16, 16, 16))
+    same = metrics.volume_metrics(ref, ref.clone(), window)
+    assert set(same) == {"psnr_db", "ssim_3d", "mae_hu", "x2ct_slice_psnr_db", "x2ct_slice_ssim"}
+    assert math.isinf(same["psnr_db"]) and math.isinf(same["x2ct_slice_psnr_db"])
+    assert same["ssim_3d"] == pytest.approx(1.0, abs=1e-5) and same["mae_hu"] == 0.0
+    off = metrics.volume_metrics(ref + 0.1, ref, window)
+    assert off["psnr_db"] == pytest.approx(20 * math.log10(2 / 0.1), abs=1e-3)
+    assert off["mae_hu"] == pytest.approx(100.0, rel=1e-4)
+    # out-of-range predictions are clamped to the window, as when saved as HU
+    clamped = metrics.volume_metrics(ref * 0 + 1.5, ref * 0 + 0.5, window, win_size=7)
+    assert clamped["mae_hu"] == pytest.approx(500.0, rel=1e-5)
+
+
+def test_reprojection_of_own_drrs_is_perfect_and_drops_when_perturbed() -> None:
+    from dataset import DRRGeometry, chest_phantom, image_to_volume, render_drr_pair
+
+    window = HUWindow()
+    hu, spacing = image_to_volume(chest_phantom((24, 24, 24), (10.0, 10.0, 10.0), seed=1))
+    vol = window.to_unit(hu)  # (1, D, H, W)
+    geometry = DRRGeometry.fit((24, 24, 24), spacing, detector_size=24)
+    render = lambda v: render_drr_pair(v, spacing, geometry, window)  # noqa: E731
+    ap, lat = render(vol)
+    own = metrics.reprojection_metrics(vol, ap, lat, render)
+    assert set(own) == {"drr_ap_psnr_db", "drr_ap_ssim", "drr_lat_psnr_db", "drr_lat_ssim"}
+    assert own["drr_ap_psnr_db"] > 60 and own["drr_lat_psnr_db"] > 60  # inf when rendering is exact
+    assert own["drr_ap_ssim"] == pytest.approx(1.0, abs=1e-4)
+    # a denser left half changes both projections
+    perturbed = vol.clone()
+    perturbed[..., 12:] = (perturbed[..., 12:] + 0.3).clamp(-1, 1)
+    other = metrics.reprojection_metrics(perturbed, ap, lat, render)
+    for view in ("ap", "lat"):
+        assert other[f"drr_{view}_psnr_db"] < 40
+        assert other[f"drr_{view}_psnr_db"] < own[f"drr_{view}_psnr_db"] - 20
+        assert other[f"drr_{view}_ssim"] < own[f"drr_{view}_ssim"]
+    with pytest.raises(ValueError, match="differs from the rendered DRR shape"):
+        metrics.reprojection_metrics(vol, ap[..., :20], lat, render, name="case_x")
