@@ -1,0 +1,35 @@
+"""Patch-volume autoencoder: patch-wise encoding, vector quantisation, volume-wise decoding, its losses and
+training module. Public names are re-exported here (``from AutoEncoder import PatchVolumeAutoencoder``)."""
+
+from AutoEncoder.adversarial import adaptive_weight, build_discriminator, hinge_d_loss, hinge_g_loss
+from AutoEncoder.checkpoint import load_autoencoder, read_checkpoint
+from AutoEncoder.decoder import Decoder
+from AutoEncoder.encoder import Encoder
+from AutoEncoder.patch_volume_autoencoder import AutoencoderOutput, PatchVolumeAutoencoder
+from AutoEncoder.medicalnet import MedicalNetFeatures, load_medicalnet
+from AutoEncoder.patch_volume_module import PatchVolumeModule
+from AutoEncoder.patching import merge_patches, sliding_decode, split_patches
+from AutoEncoder.perceptual_loss import PerceptualLoss
+from AutoEncoder.vector_quantizer import QuantizerOutput, VectorQuantizer
+
+__all__ = [
+    "AutoencoderOutput",
+    "MedicalNetFeatures",
+    "PatchVolumeModule",
+    "PerceptualLoss",
+    "adaptive_weight",
+    "build_discriminator",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "load_autoencoder",
+    "load_medicalnet",
+    "read_checkpoint",
+    "Decoder",
+    "Encoder",
+    "PatchVolumeAutoencoder",
+    "QuantizerOutput",
+    "VectorQuantizer",
+    "merge_patches",
+    "sliding_decode",
+    "split_patches",
+]

@@ -1,0 +1,67 @@
+"""Convolutional 3D decoder mirroring :class:`AutoEncoder.encoder.Encoder`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from AutoEncoder.blocks import AttentionBlock3d, ResBlock3d, Upsample3d, group_norm
+
+
+class Decoder(nn.Module):
+    """Maps a latent volume back to image space, ``2 ** (len(channels) - 1)`` times larger per axis.
+
+    Args:
+        out_channels: image channels (1 for CT).
+        channels: feature channels per level, listed from the finest level (as in the encoder).
+        latent_channels: channels of the input latent.
+        num_res_blocks: residual blocks per level (the decoder uses one more, as is usual).
+        attention_heads: heads of the bottleneck self-attention; 0 disables it.
+        num_groups: upper bound on GroupNorm groups.
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        channels: Sequence[int],
+        latent_channels: int,
+        num_res_blocks: int = 1,
+        attention_heads: int = 1,
+        num_groups: int = 32,
+    ):
+        super().__init__()
+        rev = list(channels)[::-1]
+        prev = rev[0]
+        self.conv_in = nn.Conv3d(latent_channels, prev, 3, padding=1)
+        mid: list[nn.Module] = [ResBlock3d(prev, prev, num_groups)]
+        if attention_heads > 0:
+            mid.append(AttentionBlock3d(prev, attention_heads, num_groups))
+        mid.append(ResBlock3d(prev, prev, num_groups))
+        self.mid = nn.Sequential(*mid)
+        levels: list[nn.Module] = []
+        for i, ch in enumerate(rev):
+            blocks: list[nn.Module] = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock3d(prev, ch, num_groups))
+                prev = ch
+            if i < len(rev) - 1:
+                blocks.append(Upsample3d(prev))
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.ModuleList(levels)
+        self.norm_out = group_norm(prev, num_groups)
+        self.conv_out = nn.Conv3d(prev, out_channels, 3, padding=1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the output convolution (used by the adaptive adversarial weight)."""
+        return self.conv_out.weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent ``(B, latent_channels, d, h, w)`` -> volume ``(B, C_out, d*f, h*f, w*f)`` (about [-1, 1])."""
+        h = self.mid(self.conv_in(z))
+        for level in self.levels:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

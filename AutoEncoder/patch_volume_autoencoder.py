@@ -1,0 +1,217 @@
+"""The patch-volume autoencoder: patch-wise encoding, optional VQ, volume-wise (or sliding) decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from AutoEncoder.decoder import Decoder
+from AutoEncoder.encoder import Encoder
+from AutoEncoder.patching import merge_patches, sliding_decode, split_patches
+from AutoEncoder.vector_quantizer import VectorQuantizer
+
+
+class AutoencoderOutput(NamedTuple):
+    """What :meth:`PatchVolumeAutoencoder.forward` returns (the same fields in every mode).
+
+    Attributes:
+        reconstruction: ``(B, C, D, H, W)``, about [-1, 1].
+        latent: ``(B, latent_channels, D/f, H/f, W/f)`` latent that was decoded (quantised in VQ mode).
+        commitment_loss: scalar (0 in continuous mode).
+        perplexity: scalar code perplexity of the batch (0 in continuous mode).
+        usage: scalar fraction of codes used in the batch (0 in continuous mode).
+    """
+
+    reconstruction: torch.Tensor
+    latent: torch.Tensor
+    commitment_loss: torch.Tensor
+    perplexity: torch.Tensor
+    usage: torch.Tensor
+
+
+class PatchVolumeAutoencoder(nn.Module):
+    """3D autoencoder that encodes fixed-size patches independently and decodes the whole latent volume.
+
+    Encoding cuts the volume into ``patch_size`` patches, runs the encoder on ``encode_chunk_size`` patches at
+    a time (bounded memory) and re-tiles their latents. Decoding sees the whole latent volume; latents larger
+    than ``decode_window`` along any axis are decoded window by window (context margin + linear blending).
+
+    Args:
+        in_channels: image channels (1 for CT).
+        channels: encoder feature channels per level; the downsampling factor is ``2 ** (len(channels) - 1)``.
+        embedding_dim: latent channels (= code dimension).
+        n_codes: codebook size; 0 gives a continuous latent (no quantisation).
+        num_res_blocks: residual blocks per encoder level.
+        attention_heads: bottleneck attention heads (0 disables attention).
+        num_groups: GroupNorm group bound.
+        downsample: optional check: the expected factor (int or three equal ints, e.g. ``[8, 8, 8]``).
+        patch_size: patch edge for patch-wise encoding (voxels).
+        encode_chunk_size: patches per encoder call.
+        decode_window: latent window edge above which decoding slides; 0 never slides.
+        decode_overlap: overlap fraction of neighbouring decode windows (cross-faded).
+        decode_halo: latent voxels of context decoded and discarded around each window.
+        codebook: extra :class:`VectorQuantizer` arguments (``beta``, ``decay``, ``eps``, ``dead_threshold``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: Sequence[int] = (64, 128, 256),
+        embedding_dim: int = 8,
+        n_codes: int = 8192,
+        num_res_blocks: int = 1,
+        attention_heads: int = 1,
+        num_groups: int = 32,
+        downsample: int | Sequence[int] | None = None,
+        patch_size: int = 64,
+        encode_chunk_size: int = 8,
+        decode_window: int = 0,
+        decode_overlap: float = 0.5,
+        decode_halo: int = 4,
+        codebook: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        factor = 2 ** (len(channels) - 1)
+        if downsample is not None:
+            wanted = {int(downsample)} if isinstance(downsample, int) else {int(v) for v in downsample}
+            if wanted != {factor}:
+                raise ValueError(
+                    f"downsample={downsample} does not match channels={list(channels)} (factor {factor}); "
+                    f"use {len(channels)} levels for {factor}x or change channels"
+                )
+        if patch_size % factor:
+            raise ValueError(f"patch_size={patch_size} must be a multiple of the downsampling factor {factor}")
+        if encode_chunk_size < 1:
+            raise ValueError(f"encode_chunk_size must be >= 1, got {encode_chunk_size}")
+        self.config: dict[str, Any] = {
+            "in_channels": in_channels, "channels": list(channels), "embedding_dim": embedding_dim,
+            "n_codes": n_codes, "num_res_blocks": num_res_blocks, "attention_heads": attention_heads,
+            "num_groups": num_groups, "downsample": factor, "patch_size": patch_size,
+            "encode_chunk_size": encode_chunk_size, "decode_window": decode_window,
+            "decode_overlap": decode_overlap, "decode_halo": decode_halo,
+            "codebook": dict(codebook or {}),
+        }
+        self._factor = factor
+        self.patch_size = patch_size
+        self.encode_chunk_size = encode_chunk_size
+        self.decode_window = decode_window
+        self.decode_overlap = decode_overlap
+        self.decode_halo = decode_halo
+        self.encoder = Encoder(in_channels, channels, embedding_dim, num_res_blocks, attention_heads, num_groups)
+        self.decoder = Decoder(in_channels, channels, embedding_dim, num_res_blocks, attention_heads, num_groups)
+        self.quantizer = VectorQuantizer(n_codes, embedding_dim, **(codebook or {})) if n_codes > 0 else None
+        self.register_buffer("latent_mean", torch.zeros(embedding_dim))
+        self.register_buffer("latent_std", torch.ones(embedding_dim))
+        self.encoder_frozen = False
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial compression per axis (4 or 8 for the presets)."""
+        return self._factor
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent volume."""
+        return self.config["embedding_dim"]
+
+    @property
+    def is_quantized(self) -> bool:
+        """True in VQ mode, False in continuous mode."""
+        return self.quantizer is not None
+
+    # ------------------------------------------------------------------------------------------- encoding
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch-wise encoding of a volume into the continuous (pre-quantisation) latent.
+
+        Args:
+            x: ``(B, C, D, H, W)`` in [-1, 1]; each axis a multiple of ``min(patch_size, size)`` and of the
+                downsampling factor.
+
+        Returns:
+            ``(B, latent_channels, D/f, H/f, W/f)``.
+        """
+        if x.ndim != 5:
+            raise ValueError(f"expected a (B, C, D, H, W) volume, got shape {tuple(x.shape)}")
+        for s in x.shape[2:]:
+            if s % self._factor:
+                raise ValueError(f"volume size {tuple(x.shape[2:])} must be a multiple of {self._factor}")
+        patches, grid = split_patches(x, self.patch_size)
+        latents = [self.encoder(chunk) for chunk in patches.split(self.encode_chunk_size)]
+        return merge_patches(torch.cat(latents), grid)
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Snap a latent ``(B, C, d, h, w)`` to its nearest codes (identity in continuous mode)."""
+        return z if self.quantizer is None else self.quantizer(z).quantized
+
+    # ------------------------------------------------------------------------------------------- decoding
+    def _needs_sliding(self, z: torch.Tensor) -> bool:
+        return self.decode_window > 0 and any(s > self.decode_window for s in z.shape[2:])
+
+    def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """Volume-wise decoding (sliding with blending when the latent exceeds ``decode_window``).
+
+        Args:
+            z: ``(B, latent_channels, d, h, w)`` un-normalised latent (see :meth:`denormalize_latent`).
+            quantize: snap ``z`` to the codebook first (ignored in continuous mode).
+
+        Returns:
+            ``(B, C, d*f, h*f, w*f)``, about [-1, 1].
+        """
+        if quantize:
+            z = self.quantize(z)
+        if self._needs_sliding(z):
+            return sliding_decode(self.decoder, z, self.decode_window, self.decode_overlap, self.decode_halo)
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
+        """Encode, quantise and decode ``(B, C, D, H, W)``; see :class:`AutoencoderOutput`."""
+        z = self.encode(x)
+        if self.quantizer is None:
+            zero = z.new_zeros(())
+            zq, commit, perplexity, usage = z, zero, zero, zero
+        else:
+            zq, commit, _, perplexity, usage = self.quantizer(z)
+        return AutoencoderOutput(self.decode(zq, quantize=False), zq, commit, perplexity, usage)
+
+    # ------------------------------------------------------------------------------ latent normalisation
+    def set_latent_stats(self, mean: float | Sequence[float] | torch.Tensor, std: float | Sequence[float] | torch.Tensor) -> None:
+        """Set the per-channel latent statistics (a scalar applies to every channel); saved with the weights."""
+        m = torch.as_tensor(mean, dtype=torch.float32).expand(self.latent_channels).clone()
+        s = torch.as_tensor(std, dtype=torch.float32).expand(self.latent_channels).clone()
+        if not torch.all(s > 0):
+            raise ValueError(f"latent std must be positive, got {s.tolist()}")
+        self.latent_mean.copy_(m)
+        self.latent_std.copy_(s)
+
+    def normalize_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """``(z - mean) / std`` per channel, for ``(B, C, d, h, w)`` latents (what diffusion models see)."""
+        return (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
+
+    def denormalize_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize_latent`."""
+        return z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+
+    # ---------------------------------------------------------------------------------------- stage two
+    def freeze_encoder(self) -> None:
+        """Freeze encoder and codebook (stage 2): no gradients, eval mode kept through ``train()``, no EMA."""
+        self.encoder_frozen = True
+        for module in (self.encoder, self.quantizer):
+            if module is None:
+                continue
+            module.requires_grad_(False)
+            module.eval()
+        if self.quantizer is not None:
+            self.quantizer.frozen = True
+
+    def train(self, mode: bool = True) -> PatchVolumeAutoencoder:
+        """Like ``nn.Module.train`` but frozen parts stay in eval mode."""
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+            if self.quantizer is not None:
+                self.quantizer.eval()
+        return self

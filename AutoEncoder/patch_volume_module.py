@@ -1,0 +1,216 @@
+"""LightningModule training the patch-volume autoencoder (stage 1 or 2) with manual G/D optimisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from monai.metrics import PSNRMetric
+from torch import nn
+
+from AutoEncoder.adversarial import adaptive_weight, build_discriminator, hinge_d_loss, hinge_g_loss
+from AutoEncoder.patch_volume_autoencoder import PatchVolumeAutoencoder
+from AutoEncoder.perceptual_loss import PerceptualLoss
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+DEFAULT_LOSS: dict[str, Any] = {
+    "l1_weight": 1.0,
+    "commitment_weight": 1.0,
+    "perceptual_weight": 1.0,
+    "perceptual": {"weights_path": None, "mode": "3d"},
+    "gan_weight": 1.0,
+    "discriminator_iter_start": 20000,
+    "adaptive_weight": True,
+    "discriminator": {"channels": 64, "num_layers": 3, "norm": "INSTANCE"},
+}
+
+
+def mpr_grid(volume: torch.Tensor) -> torch.Tensor:
+    """Middle axial, coronal and sagittal slices side by side.
+
+    Args:
+        volume: ``(C, D, H, W)`` in [-1, 1].
+
+    Returns:
+        ``(1, max(H, D), W + W + H)`` image in [0, 1] (radiological display, see CLAUDE.md).
+    """
+    v = volume[0].float().clamp(-1, 1) * 0.5 + 0.5
+    d, h, w = v.shape
+    views = [v[d // 2], v[:, h // 2, :], v[:, :, w // 2]]  # (H, W), (D, W), (D, H)
+    rows = max(t.shape[0] for t in views)
+    views = [F.pad(t, (0, 0, 0, rows - t.shape[0])) for t in views]
+    return torch.cat(views, dim=1).unsqueeze(0)
+
+
+def load_stage1_weights(autoencoder: PatchVolumeAutoencoder, path: str) -> None:
+    """Copy the autoencoder weights (codebook included) of a stage-1 Lightning checkpoint into ``autoencoder``."""
+    from AutoEncoder.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    state = {k.removeprefix("autoencoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("autoencoder.")}
+    try:
+        autoencoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"stage-1 checkpoint {path} does not match the autoencoder config: {err}") from None
+
+
+class PatchVolumeModule(L.LightningModule):
+    """Trains :class:`PatchVolumeAutoencoder` with L1 + perceptual + commitment + hinge-GAN losses.
+
+    Manual optimisation: each ``training_step`` steps the generator (autoencoder) and, once
+    ``discriminator_iter_start`` iterations have passed, the discriminator. Note that Lightning's
+    ``global_step`` (and so ``max_steps``) counts every optimiser step, G and D alike; the GAN start is measured
+    in iterations (the ``iteration`` buffer, saved with the checkpoint).
+
+    Args:
+        autoencoder: :class:`PatchVolumeAutoencoder` keyword arguments (a plain dict; saved, so checkpoints
+            rebuild the network alone).
+        loss: weights and options, merged over :data:`DEFAULT_LOSS`.
+        optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_``) used for G and D; default Adam.
+        stage: 1 (train everything on patches) or 2 (encoder and codebook frozen, decoder fine-tuned).
+        stage1_checkpoint: stage-1 checkpoint to start stage 2 from (required when ``stage == 2``).
+        grad_clip: max gradient norm for G and D (0 disables clipping).
+        log_images: log MPR images of the first validation reconstruction to TensorBoard (rank zero).
+        dataset_info: plain dict describing the data (intensity window, spacing), stored in the checkpoint.
+        perceptual_network: a prebuilt feature network (tests); otherwise weights come from ``loss.perceptual``.
+    """
+
+    def __init__(
+        self,
+        autoencoder: dict[str, Any],
+        loss: dict[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        stage: int = 1,
+        stage1_checkpoint: str | None = None,
+        grad_clip: float = 1.0,
+        log_images: bool = True,
+        dataset_info: dict[str, Any] | None = None,
+        perceptual_network: nn.Module | None = None,
+    ):
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if stage == 2 and not stage1_checkpoint:
+            raise ValueError("stage 2 needs stage1_checkpoint: the path of a stage-1 checkpoint (.ckpt)")
+        merged = {**DEFAULT_LOSS, **(loss or {})}
+        merged["perceptual"] = {**DEFAULT_LOSS["perceptual"], **(merged.get("perceptual") or {})}
+        merged["discriminator"] = {**DEFAULT_LOSS["discriminator"], **(merged.get("discriminator") or {})}
+        self.save_hyperparameters(
+            {"autoencoder": dict(autoencoder), "loss": merged, "stage": stage, "stage1_checkpoint": stage1_checkpoint,
+             "grad_clip": grad_clip, "log_images": log_images, "dataset_info": dataset_info}
+        )
+        self.automatic_optimization = False
+        self.optimizer_factory = optimizer
+        self.loss_cfg = merged
+        self.autoencoder = PatchVolumeAutoencoder(**autoencoder)
+        if stage == 2:
+            load_stage1_weights(self.autoencoder, str(stage1_checkpoint))
+            self.autoencoder.freeze_encoder()
+        self.perceptual: nn.Module | None = None
+        if merged["perceptual_weight"] > 0:
+            self.perceptual = PerceptualLoss(**merged["perceptual"], network=perceptual_network)
+        self.discriminator: nn.Module | None = None
+        if merged["gan_weight"] > 0:
+            self.discriminator = build_discriminator(self.autoencoder.config["in_channels"], **merged["discriminator"])
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.psnr = PSNRMetric(max_val=2.0)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen pretrained perceptual network out of checkpoints (it comes from its own file)."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("perceptual.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put this module's perceptual weights back so strict loading still checks everything else."""
+        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith("perceptual.")})
+
+    # ------------------------------------------------------------------------------------------ optimisers
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Adam-like optimiser for the trainable autoencoder parameters, and one for the discriminator."""
+        make = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=1e-4, betas=(0.5, 0.9)))
+        opts = [make([p for p in self.autoencoder.parameters() if p.requires_grad])]
+        if self.discriminator is not None:
+            opts.append(make(self.discriminator.parameters()))
+        return opts
+
+    def _gan_active(self) -> bool:
+        return self.discriminator is not None and int(self.iteration) >= self.loss_cfg["discriminator_iter_start"]
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One generator step and (once the GAN has started) one discriminator step on ``batch["ct"]``."""
+        x = batch["ct"]
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        opt_g = opts[0]
+        cfg = self.loss_cfg
+        gan = self._gan_active()
+
+        self.toggle_optimizer(opt_g)
+        out = self.autoencoder(x)
+        rec = out.reconstruction
+        l1 = (rec - x).abs().mean()
+        nll = cfg["l1_weight"] * l1
+        logs = {"train/l1": l1.detach()}
+        if self.perceptual is not None:
+            perc = self.perceptual(rec, x)
+            nll = nll + cfg["perceptual_weight"] * perc
+            logs["train/perceptual"] = perc.detach()
+        loss_g = nll + cfg["commitment_weight"] * out.commitment_loss
+        if gan:
+            g_adv = hinge_g_loss(self.discriminator(rec)[-1])
+            weight = torch.ones((), device=x.device)
+            if cfg["adaptive_weight"]:
+                weight = adaptive_weight(nll, g_adv, self.autoencoder.decoder.last_layer)
+            loss_g = loss_g + cfg["gan_weight"] * weight * g_adv
+            logs.update({"train/g_adv": g_adv.detach(), "train/adaptive_weight": weight})
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        if self.hparams.grad_clip > 0:
+            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        if gan:
+            opt_d = opts[1]
+            self.toggle_optimizer(opt_d)
+            loss_d = hinge_d_loss(self.discriminator(x)[-1], self.discriminator(rec.detach())[-1])
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(loss_d)
+            if self.hparams.grad_clip > 0:
+                self.clip_gradients(opt_d, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            opt_d.step()
+            self.untoggle_optimizer(opt_d)
+            logs["train/d_loss"] = loss_d.detach()
+
+        self.iteration += 1
+        logs.update({
+            "train/loss_g": loss_g.detach(), "train/commitment": out.commitment_loss.detach(),
+            "train/perplexity": out.perplexity.detach(), "train/codebook_usage": out.usage.detach(),
+        })
+        self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
+        self.log("train/rec_l1", l1.detach(), prog_bar=True, batch_size=x.shape[0])
+        return loss_g.detach()
+
+    # ----------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Reconstruct whole volumes; log ``val/psnr`` (dB, data range 2) and ``val/l1``; MPR images once."""
+        x = batch["ct"]
+        rec = self.autoencoder(x).reconstruction.clamp(-1, 1)
+        psnr = self.psnr(rec.float(), x.float()).mean()
+        self.psnr.reset()
+        self.log("val/psnr", psnr, sync_dist=True, prog_bar=True, batch_size=x.shape[0])
+        self.log("val/l1", (rec - x).abs().mean(), sync_dist=True, batch_size=x.shape[0])
+        if batch_idx == 0 and self.hparams.log_images and self.trainer.is_global_zero:
+            self._log_mpr(x[0], rec[0])
+
+    def _log_mpr(self, x: torch.Tensor, rec: torch.Tensor) -> None:
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                image = torch.cat([mpr_grid(x), mpr_grid(rec)], dim=1)  # input on top, reconstruction below
+                logger.experiment.add_image("val/mpr_input_vs_reconstruction", image.cpu(), self.global_step)
