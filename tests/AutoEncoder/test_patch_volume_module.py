@@ -1,0 +1,151 @@
+"""LightningModule: a training step with finite gradients, checkpoint/resume of the codebook, stage 2, loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from AutoEncoder import PatchVolumeModule, VectorQuantizer, load_autoencoder
+from AutoEncoder.patch_volume_module import mpr_grid
+from tests.AutoEncoder.conftest import tiny_config
+
+
+class _Volumes(Dataset):
+    def __init__(self, n: int = 4, size: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        base = torch.nn.functional.interpolate(torch.rand(n, 1, 4, 4, 4, generator=g), size=(size,) * 3, mode="trilinear")
+        self.x = base * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"ct": self.x[i], "subject_id": f"s{i}"}
+
+
+def _loader() -> DataLoader:
+    return DataLoader(_Volumes(), batch_size=2)
+
+
+def _trainer(tmp_path: Path, max_steps: int, **kw: Any) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
+    )
+
+
+LOSS = {"perceptual_weight": 0.1, "gan_weight": 0.5, "discriminator_iter_start": 0,
+        "discriminator": {"channels": 4, "num_layers": 2}}
+
+
+class _GradCheck(L.Callback):
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor | None] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self.grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_one_training_step_has_finite_gradients(tmp_path: Path, medicalnet_weights: Path) -> None:
+    torch.manual_seed(0)
+    module = PatchVolumeModule(tiny_config(4), loss={**LOSS, "perceptual": {"weights_path": str(medicalnet_weights)}})
+    check = _GradCheck()
+    _trainer(tmp_path, max_steps=2, callbacks=[check], enable_checkpointing=False).fit(module, _loader())
+    assert int(module.iteration) == 1  # G and D both stepped in one training_step (2 optimiser steps)
+    ae = {n: g for n, g in check.grads.items() if n.startswith("autoencoder.")}
+    disc = {n: g for n, g in check.grads.items() if n.startswith("discriminator.")}
+    assert ae and disc
+    assert all(g is not None and torch.isfinite(g).all() for g in ae.values())
+    assert all(g is not None and torch.isfinite(g).all() for g in disc.values())
+    assert not any(n.startswith("perceptual.") for n in check.grads)  # frozen feature network
+
+
+def _train_stage1(tmp_path: Path, steps: int = 2) -> tuple[PatchVolumeModule, Path]:
+    torch.manual_seed(0)
+    module = PatchVolumeModule(tiny_config(4), loss={"perceptual_weight": 0.0, "gan_weight": 0.0})
+    trainer = _trainer(tmp_path, max_steps=steps, enable_checkpointing=False)
+    trainer.fit(module, _loader())
+    path = tmp_path / "stage1.ckpt"
+    trainer.save_checkpoint(path)
+    return module, path
+
+
+def test_checkpoint_keeps_codebook_and_resume_does_not_reinitialise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module, path = _train_stage1(tmp_path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain data
+    assert isinstance(ckpt["hyper_parameters"]["autoencoder"], dict)
+    assert bool(ckpt["state_dict"]["autoencoder.quantizer.initialised"])
+    saved_codebook = module.autoencoder.quantizer.embedding.clone()
+
+    def _fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("codebook re-initialised on resume")
+
+    monkeypatch.setattr(VectorQuantizer, "_initialise", _fail)
+    resumed = PatchVolumeModule(tiny_config(4), loss={"perceptual_weight": 0.0, "gan_weight": 0.0})
+    seen: list[torch.Tensor] = []
+
+    class _Spy(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, m: L.LightningModule, *args: Any) -> None:
+            seen.append(m.autoencoder.quantizer.embedding.clone())
+
+    trainer = _trainer(tmp_path, max_steps=4, callbacks=[_Spy()], enable_checkpointing=False)
+    trainer.fit(resumed, _loader(), ckpt_path=str(path))
+    assert torch.equal(seen[0], saved_codebook)
+    assert trainer.global_step == 4 and int(resumed.iteration) == 4
+
+
+def test_load_autoencoder_rebuilds_a_frozen_eval_model(tmp_path: Path) -> None:
+    module, path = _train_stage1(tmp_path)
+    model = load_autoencoder(path)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = _Volumes()[0]["ct"][None]
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).reconstruction, module.autoencoder(x).reconstruction)
+    assert torch.equal(model.quantizer.embedding, module.autoencoder.quantizer.embedding)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_autoencoder(tmp_path / "missing.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, bad)
+    with pytest.raises(ValueError, match="not a PatchVolume autoencoder checkpoint"):
+        load_autoencoder(bad)
+    (tmp_path / "junk.ckpt").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        load_autoencoder(tmp_path / "junk.ckpt")
+
+
+def test_stage2_freezes_encoder_and_codebook(tmp_path: Path) -> None:
+    _, path = _train_stage1(tmp_path)
+    with pytest.raises(ValueError, match="stage1_checkpoint"):
+        PatchVolumeModule(tiny_config(4), stage=2)
+    with pytest.raises(ValueError, match="does not match the autoencoder config"):
+        PatchVolumeModule(tiny_config(8), loss={"perceptual_weight": 0.0, "gan_weight": 0.0}, stage=2, stage1_checkpoint=str(path))
+    module = PatchVolumeModule(tiny_config(4), loss={"perceptual_weight": 0.0, "gan_weight": 0.0}, stage=2, stage1_checkpoint=str(path))
+    frozen = {k: v.clone() for k, v in module.autoencoder.state_dict().items() if k.startswith(("encoder.", "quantizer."))}
+    decoder = {k: v.clone() for k, v in module.autoencoder.state_dict().items() if k.startswith("decoder.")}
+    modes: list[tuple[bool, bool, bool]] = []
+
+    class _Modes(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, m: L.LightningModule, *args: Any) -> None:
+            ae = m.autoencoder
+            modes.append((ae.encoder.training, ae.quantizer.training, ae.decoder.training))
+
+    _trainer(tmp_path, max_steps=2, callbacks=[_Modes()], enable_checkpointing=False).fit(module, _loader())
+    state = module.autoencoder.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in frozen.items())  # weights and codebook buffers untouched
+    assert any(not torch.equal(v, state[k]) for k, v in decoder.items())  # decoder trained
+    assert modes and all(m == (False, False, True) for m in modes)
+    assert not any(p.requires_grad for p in module.autoencoder.encoder.parameters())
+
+
+def test_mpr_grid_layout() -> None:
+    vol = torch.zeros(1, 8, 12, 16)
+    vol[0, 4] = 1.0  # the middle axial slice is white
+    img = mpr_grid(vol)
+    assert img.shape == (1, 12, 16 + 16 + 12)
+    assert img[0, :12, :16].min() == 1.0 and img.max() <= 1.0 and img.min() >= 0.0
