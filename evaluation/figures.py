@@ -5,7 +5,8 @@ standard deviation in HU. Columns: the input X-rays (AP above, lateral below) wh
 coronal and sagittal slices. Volumes use the project layout ``(D, H, W)`` = superior -> inferior,
 anterior -> posterior, patient right -> left, so plain ``imshow`` gives the radiological views: axial
 with anterior at the top and patient right on the viewer's left, coronal and sagittal with superior at
-the top (sagittal: anterior on the left).
+the top (sagittal: anterior on the left). Yellow letters on the first row and the X-rays mark the
+anatomical direction at the top and left edges (A/P, S/I, R/L).
 
 Figures are drawn with a ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot global state, safe
 in data-loader workers and training callbacks). :func:`mpr_figure` returns an ``(H, W, 3)`` uint8 array
@@ -33,6 +34,16 @@ from evaluation.metrics import check_finite
 __all__ = ["mpr_figure", "save_mpr_figure"]
 
 _PLANES = ("axial", "coronal", "sagittal")
+#: Anatomical direction at the (top, left) edge of each panel: axial, coronal, sagittal, AP, LAT.
+_MARKERS = {"axial": ("A", "R"), "coronal": ("S", "R"), "sagittal": ("S", "A"), "AP": ("S", "R"), "LAT": ("S", "A")}
+
+
+def _mark(ax, plane: str) -> None:
+    """Small orientation letters at the top and left edges of an image panel."""
+    top, left = _MARKERS[plane]
+    style = {"transform": ax.transAxes, "color": "yellow", "fontsize": 6, "fontweight": "bold"}
+    ax.text(0.5, 0.99, top, ha="center", va="top", **style)
+    ax.text(0.01, 0.5, left, ha="left", va="center", **style)
 _DPI = 100
 
 
@@ -155,12 +166,14 @@ def mpr_figure(
         ax = axes[r, 0]
         ax.imshow(xray, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(f"input {name}", fontsize=8)
+        _mark(ax, name)
     for r, (label, sl, cmap, vmin, vmax, cbar_label) in enumerate(rows):
         for c, (plane, img, aspect) in enumerate(zip(_PLANES, sl, aspects)):
             ax = axes[r, c0 + c]
             im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
             if r == 0:
                 ax.set_title(f"{plane} ({('d', 'h', 'w')[c]}={idx[c]})", fontsize=7)
+                _mark(ax, plane)
         axes[r, c0].text(-0.04, 0.5, label, transform=axes[r, c0].transAxes, rotation=90,
                          ha="right", va="center", fontsize=7)
         if cmap != "gray" or r == 0:
