@@ -1,16 +1,26 @@
 """CT / X-ray I/O, preprocessing (HU -> [-1, 1], axes -> (B, C, D, H, W)), DRRs, manifests and datamodules."""
 
-from dataset.ct_datamodule import CTDataModule
 from dataset.dataset_info import DatasetInfo
 from dataset.drr import DRRGeometry, render_drr_pair
 from dataset.intensity import HUWindow
 from dataset.io import atomic_save_torch, atomic_write, atomic_write_json, load_xray, read_ct, write_nifti
 from dataset.manifest import Manifest
-from dataset.paired_datamodule import PairedDataModule
 from dataset.paired_dataset import PairedDataset
 from dataset.phantom import chest_phantom
 from dataset.preprocess import Preprocessor
 from dataset.volume import image_to_volume, volume_to_image
+
+# the datamodules import Lightning (seconds); the CLIs in this package never need them, so load on use
+_LAZY = {"CTDataModule": "dataset.ct_datamodule", "PairedDataModule": "dataset.paired_datamodule"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dataset' has no attribute {name!r}")
+
 
 __all__ = [
     "CTDataModule",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import nibabel as nib
+import numpy as np
 import torch
 import torchio as tio
 
@@ -159,6 +160,22 @@ def _read_pt(path: Path, spacing_dhw: tuple[float, float, float]) -> tio.ScalarI
     return volume_to_image(obj[None].to(torch.float32), spacing_dhw)
 
 
+def _read_nifti(path: Path) -> tio.ScalarImage:
+    # nibabel, not ITK: ITK silently replaces NaN voxels, which would hide broken scans
+    try:
+        nii = nib.load(str(path))
+        data = np.asarray(nii.get_fdata(dtype=np.float32))
+    except Exception as e:  # nibabel raises assorted types for corrupt files
+        raise ValueError(f"{path}: cannot be read as a NIfTI image ({type(e).__name__}: {e})") from e
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: image has shape {data.shape}; expected a 3-D CT volume")
+    return tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(data))[None], affine=nii.affine)
+
+
 def check_ct(image: tio.ScalarImage, source: str | os.PathLike) -> None:
     """Raise ``ValueError`` naming ``source`` if ``image`` is not a usable 3-D CT in HU.
 
@@ -218,6 +235,8 @@ def read_ct(path: str | os.PathLike, pt_spacing: tuple[float, float, float] = (1
         raise ValueError(f"{path}: unknown CT format; expected .nii, .nii.gz, .pt or a DICOM series folder")
     if kind == "pt":
         image = _read_pt(path, pt_spacing)
+    elif kind == "NIfTI":
+        image = _read_nifti(path)
     else:
         try:
             image = tio.ScalarImage(path)
