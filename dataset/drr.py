@@ -168,8 +168,8 @@ def _render_one(mu: torch.Tensor, spacing_dhw: tuple[float, float, float], geome
     target = torch.stack(targets)  # (2, N, 3) mm
     length = (target - source).norm(dim=-1)[:, None]  # (2, 1, N) ray length, mm
     # diffdrr's Siddon works in voxel index space with voxel centres at integer coordinates
-    to_index = lambda p: (p / spacing + (dims - 1) / 2).to(mu.dtype)  # noqa: E731
-    src, tgt, length = to_index(source), to_index(target), length.to(mu.dtype)
+    to_index = lambda p: (p / spacing + (dims - 1) / 2).to(mu)  # noqa: E731
+    src, tgt, length = to_index(source), to_index(target), length.to(mu)
     step = max(1, max_elements // int(dims.sum() + 3))
     parts = [renderer(mu, src, tgt[:, i:i + step], length[..., i:i + step]) for i in range(0, tgt.shape[1], step)]
     rows, cols = geometry.detector_size
@@ -190,7 +190,8 @@ def render_drr_pair(volume_unit: torch.Tensor, spacing_dhw: tuple[float, float, 
 
     Returns:
         ``(ap, lat)``, each float32 ``(1, rows, cols)`` or ``(B, 1, rows, cols)`` in [0, 1]
-        (orientation and normalisation in the module docstring). Differentiable w.r.t. the volume.
+        (orientation and normalisation in the module docstring), on the volume's device.
+        Differentiable w.r.t. the volume.
     """
     from diffdrr.renderers import Siddon  # only this module touches diffdrr
 

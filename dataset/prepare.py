@@ -66,19 +66,20 @@ def subject_paths(out: Path, subject_id: str) -> dict[str, Path]:
 
 
 def prepare_subject(image: tio.ScalarImage, paths: dict[str, Path], preprocessor: Preprocessor,
-                    geometry: DRRGeometry) -> None:
+                    geometry: DRRGeometry, device: str | torch.device = "cpu") -> None:
     """Preprocess one CT (HU), render its DRR pair and write the three files atomically.
 
-    The DRRs are rendered from the int16-rounded HU volume that is stored, so they match it exactly.
+    The DRRs are rendered (on ``device``) from the int16-rounded HU volume that is stored, so they
+    match it exactly.
     X-rays are saved as float32 ``(1, rows, cols)`` in [0, 1].
     """
     pre = preprocessor(image)
     pre = tio.ScalarImage(tensor=pre.data.round(), affine=pre.affine)
     volume, spacing = preprocessed_volume(pre, preprocessor.window)
     with torch.no_grad():
-        ap, lat = render_drr_pair(volume, spacing, geometry, preprocessor.window)
-    atomic_save_torch(ap.contiguous(), paths["ap"])
-    atomic_save_torch(lat.contiguous(), paths["lat"])
+        ap, lat = render_drr_pair(volume.to(device), spacing, geometry, preprocessor.window)
+    atomic_save_torch(ap.cpu().contiguous(), paths["ap"])
+    atomic_save_torch(lat.cpu().contiguous(), paths["lat"])
     write_nifti(pre, paths["ct"], dtype=torch.int16)
 
 
@@ -93,7 +94,8 @@ def _remove_partial(paths: dict[str, Path]) -> None:
 def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], out: str | Path,
                     preprocessor: Preprocessor, geometry: DRRGeometry, seed: int = 0,
                     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), labels: dict[str, int] | None = None,
-                    extra_info: dict | None = None, progress: bool = True) -> PrepareSummary:
+                    extra_info: dict | None = None, progress: bool = True,
+                    device: str | torch.device = "cpu") -> PrepareSummary:
     """Prepare a dataset from ``(subject_id, load_ct)`` pairs; the core of both CLIs.
 
     Args:
@@ -106,6 +108,7 @@ def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], 
         labels: integer label per subject id (default 0).
         extra_info: extra JSON-able fields for dataset.json.
         progress: show a tqdm bar.
+        device: where DRRs are rendered (``"cuda"`` is much faster for 256^3 volumes).
 
     Returns:
         The summary. ``manifest.csv`` and ``dataset.json`` are written only if a subject is ready.
@@ -139,7 +142,7 @@ def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], 
             summary.skipped.append(sid)
             continue
         try:
-            prepare_subject(load(), paths, preprocessor, geometry)
+            prepare_subject(load(), paths, preprocessor, geometry, device)
         except Exception as e:  # one bad subject must not stop the others; the reason is reported
             _remove_partial(paths)
             summary.failed[sid] = f"{type(e).__name__}: {e}"
@@ -224,6 +227,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--labels", type=Path, default=None, help="CSV subject_id,label (default label 0)")
     p.add_argument("--pt-spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0],
                    help="spacing mm (D H W) of .pt tensors that do not store one")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for DRR rendering (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -245,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pt_spacing = tuple(args.pt_spacing)
         items = [(sid, lambda p=path: read_ct(p, pt_spacing=pt_spacing)) for sid, path in sources]
         summary = prepare_dataset(items, args.out, pre, geometry, args.seed, tuple(args.split), labels,
-                                  extra_info={"source": str(args.input.resolve())}, progress=not args.no_progress)
+                                  extra_info={"source": str(args.input.resolve())}, progress=not args.no_progress,
+                                  device=args.device)
     except (ValueError, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

@@ -94,3 +94,14 @@ def test_geometry_dict_round_trip_and_bad_values() -> None:
         render_drr_pair(torch.zeros(2, 8, 8, 8), SPACING, g)
     with pytest.raises(ValueError, match="sid"):
         DRRGeometry.fit((100, 100, 100), (10.0, 10.0, 10.0), sid=300.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    geometry = DRRGeometry.fit(SHAPE, SPACING, detector_size=32)
+    vol = _blob_volume((10, 8, 12))
+    ap, lat = render_drr_pair(vol, SPACING, geometry)
+    ap_gpu, lat_gpu = render_drr_pair(vol.cuda(), SPACING, geometry)
+    assert ap_gpu.is_cuda
+    assert torch.allclose(ap_gpu.cpu(), ap, atol=1e-5) and torch.allclose(lat_gpu.cpu(), lat, atol=1e-5)
