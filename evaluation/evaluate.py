@@ -300,7 +300,13 @@ def evaluate_pairs(
             std = None
             if pair.std is not None:
                 std_hu, _ = image_to_volume(read_ct(pair.std, check=False))
-                metrics.check_finite(std_hu, f"{case} uncertainty {pair.std}")
+                _check_nifti_finite(pair.std, f"{case} uncertainty")
+                if std_hu.shape != pred.shape or float(std_hu.min()) < 0:
+                    raise ValueError(
+                        f"{case} uncertainty {pair.std} has shape {tuple(std_hu.shape[1:])} and minimum "
+                        f"{float(std_hu.min()):g}; expected a non-negative standard deviation in HU of shape "
+                        f"{tuple(pred.shape[1:])}"
+                    )
                 std = std_hu.float() / (window.width / 2.0)  # HU -> [-1, 1] units (figures' convention)
             images[pair.subject_id] = mpr_figure(pred, ref, window=window, uncertainty=std, ap=ap, lat=lat,
                                                  spacing=ref_spacing, title=pair.subject_id)
@@ -366,7 +372,8 @@ def write_results(out_dir: str | os.PathLike, rows: Sequence[dict], summary: dic
         out_dir: output folder (created).
         rows: per-case rows from :func:`evaluate_pairs`.
         summary: its summary (``"_figures"`` entries become ``figures/<id>.png``).
-        overwrite: replace existing results; otherwise a non-empty ``out_dir`` raises ``FileExistsError``.
+        overwrite: replace existing results (figure PNGs of an earlier run that this run did not draw are
+            removed); otherwise a non-empty ``out_dir`` raises ``FileExistsError``.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -383,6 +390,10 @@ def write_results(out_dir: str | os.PathLike, rows: Sequence[dict], summary: dic
         matplotlib.image.imsave(buf, image, format="png")
         with atomic_write(out / FIGURE_DIR / f"{sid}.png", "wb") as f:
             f.write(buf.getvalue())
+    if (out / FIGURE_DIR).is_dir():  # figures of an overwritten earlier run would not match these results
+        for stale in (out / FIGURE_DIR).glob("*.png"):
+            if stale.stem not in figures:
+                stale.unlink()
     atomic_write_text(out / PER_CASE_FILE, pd.DataFrame(list(rows)).to_csv(index=False))
     atomic_write_json(out / SUMMARY_FILE, _jsonable(summary))  # last: its presence marks a complete run
     return out

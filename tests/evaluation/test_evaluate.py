@@ -39,6 +39,9 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
 def test_cli_on_manifest_known_offset(tiny_prepared_dataset: Path, tmp_path: Path, capsys) -> None:
     pred = tmp_path / "pred"
     ids = _write_preds(tiny_prepared_dataset, pred, "train", offset_hu=40.0)
+    image = read_ct(pred / f"{ids[0]}.nii.gz")  # an uncertainty volume (HU): used for figures only
+    write_nifti(tio.ScalarImage(tensor=torch.full_like(image.data, 25.0), affine=image.affine),
+                pred / f"{ids[0]}_std.nii.gz")
     out = tmp_path / "eval"
     code, stdout, err = _run(capsys, "--pred", pred, "--ref", tiny_prepared_dataset, "--split", "train",
                              "--out", out, "--figures")
@@ -104,9 +107,14 @@ def test_existing_output_is_refused_unless_overwrite(tiny_prepared_dataset: Path
     code, _, err = _run(capsys, "--pred", pred, "--ref", tiny_prepared_dataset, "--out", out)
     assert code == 2 and err.count("\n") == 1 and "--overwrite" in err
     assert (out / "summary.json").read_text() == "old"
-    code, _, err = _run(capsys, "--pred", pred, "--ref", tiny_prepared_dataset, "--out", out, "--overwrite")
+    (out / "figures").mkdir()
+    (out / "figures" / "old_case.png").write_bytes(b"stale")
+    code, _, err = _run(capsys, "--pred", pred, "--ref", tiny_prepared_dataset, "--out", out, "--overwrite",
+                        "--figures")
     assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["n_cases"] == 1
+    test_id = Manifest.load(tiny_prepared_dataset).split("test")["subject_id"][0]
+    assert [p.name for p in (out / "figures").iterdir()] == [f"{test_id}.png"]  # the stale figure is gone
 
 
 def _nan_in(target: str):
@@ -170,3 +178,22 @@ def test_evaluate_pairs_feature_metrics_with_injected_extractor(tiny_prepared_da
     # default minimum is features + 1 = 4 samples: fine with 6, and too few with 3 cases
     _, s3 = evaluate_pairs(same[:3], HUWindow(), feature_extractor=net)
     assert s3["feature_metrics"]["fid"] is None and "at least 4" in s3["feature_metrics"]["fid_note"]
+
+
+def test_find_pairs_takes_std_files_as_uncertainty(tiny_prepared_dataset: Path, tmp_path: Path) -> None:
+    pred = tmp_path / "pred"
+    ids = _write_preds(tiny_prepared_dataset, pred, "train")
+    shutil.copy(pred / f"{ids[0]}.nii.gz", pred / f"{ids[0]}_std.nii.gz")
+    pairs = {p.subject_id: p for p in find_pairs(pred, tiny_prepared_dataset, split="train")}
+    assert sorted(pairs) == sorted(ids)
+    assert pairs[ids[0]].std == pred / f"{ids[0]}_std.nii.gz"
+    assert all(pairs[i].std is None for i in ids[1:])
+
+
+def test_bad_uncertainty_file_names_the_case(tiny_prepared_dataset: Path, tmp_path: Path, capsys) -> None:
+    pred = tmp_path / "pred"
+    ids = _write_preds(tiny_prepared_dataset, pred, "test")
+    shutil.copy(pred / f"{ids[0]}.nii.gz", pred / f"{ids[0]}_std.nii.gz")  # a CT in HU: negative values
+    code, _, err = _run(capsys, "--pred", pred, "--ref", tiny_prepared_dataset, "--out", tmp_path / "e", "--figures")
+    assert code == 2 and f"case '{ids[0]}': uncertainty" in err and "non-negative" in err
+    assert not (tmp_path / "e").exists()
