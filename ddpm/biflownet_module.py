@@ -83,7 +83,6 @@ class BiFlowNetModule(L.LightningModule):
         self.val_sample_steps = val_sample_steps
         self.val_guidance_scale = val_guidance_scale
         self.dataset_json = dataset_json
-        self._last_step_ema = -1
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -151,10 +150,10 @@ class BiFlowNetModule(L.LightningModule):
             eb.copy_(b)
         self.ema_updates += 1
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step != self._last_step_ema:  # once per optimiser step (gradient accumulation)
-            self._last_step_ema = self.global_step
-            self.update_ema()
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # EMA right after each real optimiser step, before callbacks (checkpointing) see the batch end
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
 
     # -------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -1,0 +1,148 @@
+"""train.train_BiFlowNet: composed configs train, checkpoint, resume (1 process and 2-process torchrun), bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataset.manifest import Manifest
+from dataset.paired_dataset import PairedDataset
+from ddpm import load_biflownet
+from train.train_BiFlowNet import run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_proxy_latents(manifest: Path, out_dir: Path, channels: int = 4, factor: int = 4) -> Path:
+    """Copy a prepared dataset and add CT-derived stand-in latents (C, D/f, H/f, W/f) + latent_stats.json.
+
+    Channels: local mean, local max, local min and local spread of the [-1, 1] CT, so the latents carry
+    the anatomy the X-rays show (like an autoencoder latent would).
+    """
+    shutil.copytree(manifest.parent, out_dir)
+    m = Manifest.load(out_dir / "manifest.csv")
+    ds = PairedDataset(m.frame, load=("ct",))
+    paths, all_z = [], []
+    (out_dir / "latent").mkdir()
+    for i in range(len(ds)):
+        ct = ds[i]["ct"][None]  # (1, 1, D, H, W)
+        mean = F.avg_pool3d(ct, factor)
+        feats = [mean, F.max_pool3d(ct, factor), -F.max_pool3d(-ct, factor), (F.avg_pool3d(ct**2, factor) - mean**2).sqrt()]
+        z = torch.cat(feats[:channels], dim=1)[0]
+        p = out_dir / "latent" / f"{ds[i]['subject_id']}.pt"
+        torch.save(z.clone(), p)
+        paths.append(str(p))
+        all_z.append(z)
+    frame = m.frame.copy()
+    frame["latent"] = paths
+    Manifest.write(frame, out_dir / "manifest.csv")
+    stack = torch.stack(all_z)
+    stats = {"mean": stack.mean(dim=(0, 2, 3, 4)).tolist(), "std": stack.std(dim=(0, 2, 3, 4)).tolist()}
+    (out_dir / "latent_stats.json").write_text(json.dumps(stats))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def latent_dataset(tiny_prepared_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a prepared dataset whose manifest has a `latent` column (4 x 8^3 per subject)."""
+    return write_proxy_latents(tiny_prepared_dataset, tmp_path_factory.mktemp("latents") / "data")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny CPU runs are fastest single-threaded on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _overrides(data: Path, runs: Path, steps: int) -> list[str]:
+    return [
+        "experiment=biflownet_tiny",
+        f"paths.data_dir={data}",
+        f"paths.log_dir={runs}",
+        "logger=none",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "network.xray.image_size=[32,32]",
+    ]
+
+
+def _compose(overrides: list[str]):
+    with hydra.initialize_config_dir(str(ROOT / "config"), version_base="1.3"):
+        return hydra.compose("train_BiFlowNet", overrides=overrides)
+
+
+def test_run_trains_writes_checkpoint_and_resumes(latent_dataset: Path, tmp_path: Path) -> None:
+    out = run(_compose(_overrides(latent_dataset, tmp_path, steps=2)))
+    assert out["global_step"] == 2 and Path(out["last_checkpoint"]).is_file()
+    assert "val/loss" in out["metrics"]
+    first = load_biflownet(out["last_checkpoint"])
+    assert first.conditioning["step"] == 2 and first.conditioning["xray_size"] == [32, 32]
+    # the real cone-beam grids from dataset.json replaced the parallel-beam default
+    assert not torch.allclose(first.model.grid_ap[..., 1], first.model.grid_ap[0, ..., 1].expand_as(first.model.grid_ap[..., 1]))
+    out2 = run(_compose(_overrides(latent_dataset, tmp_path, steps=4)))  # ckpt_path=last -> resume
+    assert out2["global_step"] == 4
+    second = torch.load(out2["last_checkpoint"], weights_only=True)
+    assert int(second["state_dict"]["ema_updates"]) == 4
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_checkpoint_and_resume(latent_dataset: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def launch(steps: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "train.train_BiFlowNet", "trainer=ddp_cpu", *_overrides(latent_dataset, tmp_path, steps)]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = launch(2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = tmp_path / "train_BiFlowNet" / "tiny" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    proc = launch(4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 4 and int(ckpt["state_dict"]["ema_updates"]) == 4
+
+
+def test_manifest_without_latents_is_rejected(tiny_prepared_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_prepared_dataset.parent, data)
+    with pytest.raises(ValueError, match="no 'latent' column"):
+        run(_compose(_overrides(data, tmp_path, steps=1)))
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("network.latent_shape=[16,16,16]", r"latent has shape \(4, 8, 8, 8\), but the network config expects \(4, 16, 16, 16\)"),
+        ("network.in_channels=8", "network config expects"),
+        ("network.xray.image_size=[64,64]", r"X-ray is \(32, 32\), but network.xray.image_size is \(64, 64\)"),
+        ("global_batch_size=3 trainer.devices=2", "not divisible by the world size 2"),
+    ],
+)
+def test_bad_configuration_against_the_data_is_rejected(latent_dataset: Path, tmp_path: Path, override: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        run(_compose([*_overrides(latent_dataset, tmp_path, steps=1), *override.split()]))
+
+
+def test_cli_turns_bad_input_into_exit_code_2(latent_dataset: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "train.train_BiFlowNet", *_overrides(latent_dataset, tmp_path, 1), "network.latent_shape=[16,16,16]"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train_BiFlowNet: error:" in proc.stderr and "latent has shape" in proc.stderr
+    assert len(pd.read_csv(latent_dataset / "manifest.csv")) == 8
