@@ -11,6 +11,7 @@ import json
 import platform
 import resource
 import time
+from functools import partial
 from pathlib import Path
 
 import diffdrr
@@ -45,12 +46,14 @@ def main() -> None:
         ref, spacing = preprocessed_volume(Preprocessor(shape=size, fit=True, window=window)(ct), window)
         pred = (ref + 0.05 * torch.randn(ref.shape, generator=g)).clamp(-1, 1)
         geometry = DRRGeometry.fit(tuple(ref.shape[1:]), spacing, detector_size=size)
-        render = lambda v: render_drr_pair(v, spacing, geometry, window)  # noqa: E731
+        render = partial(render_drr_pair, spacing_dhw=spacing, geometry=geometry, window=window)
         ap, lat = render(ref)
         result[f"{size}^3"] = {
-            "volume_metrics_s": round(_best_of(lambda: volume_metrics(pred, ref, window), repeats), 3),
-            "reprojection_s": round(_best_of(lambda: reprojection_metrics(pred, ap, lat, render), repeats), 3),
-            "mpr_figure_s": round(_best_of(lambda: mpr_figure(pred, ref, window=window, ap=ap, lat=lat), repeats), 3),
+            "volume_metrics_s": round(_best_of(partial(volume_metrics, pred, ref, window), repeats), 3),
+            "reprojection_s": round(_best_of(partial(reprojection_metrics, pred, ap, lat, render), repeats), 3),
+            "mpr_figure_s": round(
+                _best_of(partial(mpr_figure, pred, ref, window=window, ap=ap, lat=lat), repeats), 3
+            ),
         }
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))

@@ -29,6 +29,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import matplotlib.image
@@ -38,7 +39,16 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dataset import DatasetInfo, DRRGeometry, HUWindow, Manifest, image_to_volume, load_xray, read_ct, render_drr_pair
+from dataset import (
+    DatasetInfo,
+    DRRGeometry,
+    HUWindow,
+    Manifest,
+    image_to_volume,
+    load_xray,
+    read_ct,
+    render_drr_pair,
+)
 from dataset.io import atomic_write, atomic_write_json, atomic_write_text
 from evaluation import metrics
 from evaluation.figures import mpr_figure
@@ -230,7 +240,7 @@ def _definitions(window: HUWindow, drr: bool) -> dict[str, str]:
 
 def evaluate_pairs(
     pairs: Sequence[CasePair],
-    window: HUWindow = HUWindow(),
+    window: HUWindow | None = None,
     geometry: DRRGeometry | None = None,
     feature_extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     fid_min_samples: int | None = None,
@@ -241,7 +251,7 @@ def evaluate_pairs(
 
     Args:
         pairs: cases from :func:`find_pairs` (or built by hand).
-        window: HU window mapping both volumes to [-1, 1] (clipping).
+        window: HU window mapping both volumes to [-1, 1] (clipping); default [-1000, 1000].
         geometry: DRR geometry of the input X-rays; with it, cases that have ``ap`` and ``lat`` get the
             re-projection metrics (every case must then have them).
         feature_extractor: e.g. ``AutoEncoder.medicalnet.load_medicalnet(path)``; adds FID / MMD on
@@ -263,6 +273,7 @@ def evaluate_pairs(
     """
     if not pairs:
         raise ValueError("no cases to evaluate")
+    window = window or HUWindow()
     with_drr = geometry is not None
     if with_drr:
         lacking = [p.subject_id for p in pairs if p.ap is None or p.lat is None]
@@ -291,7 +302,7 @@ def evaluate_pairs(
         if pair.ap is not None and pair.lat is not None:
             ap, lat = load_xray(pair.ap), load_xray(pair.lat)
         if with_drr:
-            render = lambda v: render_drr_pair(v, ref_spacing, geometry, window)  # noqa: E731
+            render = partial(render_drr_pair, spacing_dhw=ref_spacing, geometry=geometry, window=window)
             row.update(metrics.reprojection_metrics(pred, ap, lat, render, name=case))
         if feature_extractor is not None:
             feats_pred.append(metrics.extract_features(pred[None], feature_extractor))

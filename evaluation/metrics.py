@@ -24,7 +24,6 @@ The wrappers use ``monai.metrics`` (PSNRMetric, SSIMMetric, MAEMetric, FID, MMD)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch

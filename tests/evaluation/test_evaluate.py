@@ -153,7 +153,7 @@ def test_bad_inputs_exit_2_and_write_nothing(problem: str, tiny_prepared_dataset
     elif problem == "split_on_dir":
         ref, expect = tiny_prepared_dataset.parent / "ct", "--split"
     out = tmp_path / "eval"
-    code, stdout, err = _run(capsys, "--pred", pred, "--ref", ref, *extra, "--out", out)
+    code, _, err = _run(capsys, "--pred", pred, "--ref", ref, *extra, "--out", out)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
     assert not out.exists()

@@ -49,7 +49,7 @@ def test_psnr_unit_scale_equals_psnr_in_hu_with_window_range() -> None:
     hu_min, hu_max = -1000.0, 1000.0
     ref = _ramp()
     pred = ref + 0.05 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
-    to_hu = lambda x: (x + 1) / 2 * (hu_max - hu_min) + hu_min  # noqa: E731 - the linear window mapping
+    to_hu = lambda x: (x + 1) / 2 * (hu_max - hu_min) + hu_min
     unit = metrics.psnr(pred, ref, data_range=2.0)
     hu = metrics.psnr(to_hu(pred), to_hu(ref), data_range=hu_max - hu_min)
     assert unit.item() == pytest.approx(hu.item(), abs=1e-3)
@@ -204,7 +204,7 @@ def test_reprojection_of_own_drrs_is_perfect_and_drops_when_perturbed() -> None:
     hu, spacing = image_to_volume(chest_phantom((24, 24, 24), (10.0, 10.0, 10.0), seed=1))
     vol = window.to_unit(hu)  # (1, D, H, W)
     geometry = DRRGeometry.fit((24, 24, 24), spacing, detector_size=24)
-    render = lambda v: render_drr_pair(v, spacing, geometry, window)  # noqa: E731
+    render = lambda v: render_drr_pair(v, spacing, geometry, window)
     ap, lat = render(vol)
     own = metrics.reprojection_metrics(vol, ap, lat, render)
     assert set(own) == {"drr_ap_psnr_db", "drr_ap_ssim", "drr_lat_psnr_db", "drr_lat_ssim"}
