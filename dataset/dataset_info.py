@@ -1,4 +1,9 @@
-"""``dataset.json``: how a prepared dataset was made (window, spacing, shape, DRR geometry, split seed)."""
+"""``dataset.json``: how a prepared dataset was made (window, spacing, shape, DRR geometry, split seed).
+
+``geometry`` is absent (``None``) for datasets whose X-rays were imported rather than rendered here
+(``dataset.convert_pt`` without a geometry). Callers that project (DRR re-projection metrics,
+cone-beam back-projection grids) must check for ``None`` and skip / fall back to parallel-beam.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ class DatasetInfo:
         window: HU window used for the [-1, 1] mapping.
         spacing: voxel spacing in mm along ``(D, H, W)``.
         shape: volume size ``(D, H, W)``.
-        geometry: the DRR geometry of the stored AP / LAT images.
+        geometry: the DRR geometry of the stored AP / LAT images, or None when it is unknown
+            (imported X-rays).
         split_seed: seed of the train/val/test split.
         extra: anything else recorded (preprocessing settings, label names, source).
     """
@@ -30,7 +36,7 @@ class DatasetInfo:
     window: HUWindow
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
-    geometry: DRRGeometry
+    geometry: DRRGeometry | None
     split_seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -53,7 +59,7 @@ class DatasetInfo:
                 window=HUWindow.from_dict(d["window"]),
                 spacing=tuple(float(s) for s in d["spacing"]),
                 shape=tuple(int(s) for s in d["shape"]),
-                geometry=DRRGeometry.from_dict(d["geometry"]),
+                geometry=DRRGeometry.from_dict(d["geometry"]) if d.get("geometry") is not None else None,
                 split_seed=int(d.get("split_seed", 0)),
                 extra={k: v for k, v in d.items() if k not in ("window", "spacing", "shape", "geometry", "split_seed")},
             )
@@ -61,15 +67,11 @@ class DatasetInfo:
             raise ValueError(f"{path}: not a valid dataset.json ({type(e).__name__}: {e})") from e
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (what :meth:`save` writes)."""
-        return {
-            "window": self.window.to_dict(),
-            "spacing": list(self.spacing),
-            "shape": list(self.shape),
-            "geometry": self.geometry.to_dict(),
-            "split_seed": self.split_seed,
-            **self.extra,
-        }
+        """Plain JSON-able dict (what :meth:`save` writes); no ``geometry`` key when it is unknown."""
+        d = {"window": self.window.to_dict(), "spacing": list(self.spacing), "shape": list(self.shape)}
+        if self.geometry is not None:
+            d["geometry"] = self.geometry.to_dict()
+        return {**d, "split_seed": self.split_seed, **self.extra}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically to ``path`` (a folder gets ``dataset.json`` inside)."""

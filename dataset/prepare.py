@@ -43,6 +43,7 @@ class PrepareSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     manifest: Path | None = None
+    noun: str = "subjects"
 
     @property
     def total(self) -> int:
@@ -50,7 +51,7 @@ class PrepareSummary:
 
     def format(self) -> str:
         """Human-readable multi-line summary."""
-        lines = [f"{self.total} subjects: {len(self.prepared)} prepared, {len(self.skipped)} skipped "
+        lines = [f"{self.total} {self.noun}: {len(self.prepared)} prepared, {len(self.skipped)} skipped "
                  f"(already done), {len(self.failed)} failed"]
         lines += [f"  failed {sid}: {why}" for sid, why in self.failed.items()]
         if self.manifest is not None:
@@ -116,33 +117,71 @@ def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], 
     Raises:
         ValueError: duplicate subject ids, ``fit`` preprocessing, or ``out`` prepared with other settings.
     """
-    out = Path(out)
     ids = [sid for sid, _ in items]
-    dup = sorted({s for s in ids if ids.count(s) > 1})
-    if dup:
-        raise ValueError(f"duplicate subject ids {dup[:5]} in the input; expected one CT per id")
     if preprocessor.fit:
         raise ValueError("Preprocessor(fit=True) gives each CT its own spacing; a dataset needs one fixed spacing")
     info = DatasetInfo(window=preprocessor.window, spacing=preprocessor.spacing, shape=preprocessor.shape,
                        geometry=geometry, split_seed=seed,
                        extra={"preprocess": preprocessor.to_dict(), "split_fractions": list(fractions),
                               **(extra_info or {})})
+    loaders = dict(items)
+
+    def write(sid: str, paths: dict[str, Path]) -> None:
+        prepare_subject(loaders[sid](), paths, preprocessor, geometry, device)
+
+    return write_prepared_dataset(ids, out, info, write, fractions, labels, progress)
+
+
+def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInfo,
+                           write_subject: Callable[[str, dict[str, Path]], None],
+                           fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                           labels: dict[str, int] | None = None, progress: bool = True,
+                           desc: str = "prepare") -> PrepareSummary:
+    """The prepared-dataset loop shared by ``dataset.prepare`` and the converters.
+
+    Skips subjects whose three files exist (resume), calls ``write_subject(sid, paths)`` for the rest
+    (it must write ``paths["ct"]``, ``paths["ap"]``, ``paths["lat"]``, see :func:`subject_paths`),
+    records each failure and removes that subject's partial files, then writes ``manifest.csv``
+    (seeded split with ``info.split_seed``; existing splits kept) and ``dataset.json``.
+
+    Args:
+        ids: subject ids, in processing order.
+        out: output folder.
+        info: what ``dataset.json`` will hold; must equal an existing one in ``out`` to resume.
+        write_subject: writes one subject's files; any exception marks the subject failed.
+        fractions: ``(train, val, test)`` split fractions.
+        labels: integer label per subject id (default 0).
+        progress: show a tqdm bar.
+        desc: progress bar label.
+
+    Returns:
+        The summary. ``manifest.csv`` and ``dataset.json`` are written only if a subject is ready.
+
+    Raises:
+        ValueError: duplicate subject ids, or ``out`` prepared with other settings.
+    """
+    out = Path(out)
+    ids = list(ids)
+    dup = sorted({s for s in ids if ids.count(s) > 1})
+    if dup:
+        raise ValueError(f"duplicate subject ids {dup[:5]} in the input; expected one CT per id")
     info_path = out / FILE_NAME
     if info_path.is_file():
         old = DatasetInfo.load(info_path)
         if old.to_dict() != info.to_dict():
-            diff = sorted(k for k in info.to_dict() if old.to_dict().get(k) != info.to_dict()[k])
+            new_d, old_d = info.to_dict(), old.to_dict()
+            diff = sorted(k for k in set(new_d) | set(old_d) if old_d.get(k) != new_d.get(k))
             raise ValueError(f"{out}: already holds a dataset prepared with different settings ({', '.join(diff)}); "
                              "expected the same settings to resume, or a new --out")
     out_existed = out.exists()
     summary = PrepareSummary()
-    for sid, load in tqdm(items, desc="prepare", unit="subject", disable=not progress):
+    for sid in tqdm(ids, desc=desc, unit="subject", disable=not progress):
         paths = subject_paths(out, sid)
         if all(p.is_file() for p in paths.values()):
             summary.skipped.append(sid)
             continue
         try:
-            prepare_subject(load(), paths, preprocessor, geometry, device)
+            write_subject(sid, paths)
         except Exception as e:  # one bad subject must not stop the others; the reason is reported
             _remove_partial(paths)
             summary.failed[sid] = f"{type(e).__name__}: {e}"
@@ -161,7 +200,7 @@ def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], 
         old_frame = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
         if {"subject_id", "split"} <= set(old_frame.columns):
             existing = dict(zip(old_frame["subject_id"], old_frame["split"]))
-    splits = assign_splits(done, seed, fractions, existing)
+    splits = assign_splits(done, info.split_seed, fractions, existing)
     labels = labels or {}
     rows = [{"subject_id": sid, **{k: str(p) for k, p in subject_paths(out, sid).items()},
              "label": int(labels.get(sid, 0)), "split": splits[sid]} for sid in done]
