@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dataset.manifest import Manifest
 from dataset.paired_dataset import PairedDataset
-from ddpm import load_biflownet
+from ddpm import load_biflownet, parallel_projection_grids
 from train.train_BiFlowNet import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,9 @@ def test_run_trains_writes_checkpoint_and_resumes(latent_dataset: Path, tmp_path
     first = load_biflownet(out["last_checkpoint"])
     assert first.conditioning["step"] == 2 and first.conditioning["xray_size"] == [32, 32]
     # the real cone-beam grids from dataset.json replaced the parallel-beam default
-    assert not torch.allclose(first.model.grid_ap[..., 1], first.model.grid_ap[0, ..., 1].expand_as(first.model.grid_ap[..., 1]))
+    parallel_ap, parallel_lat = parallel_projection_grids((8, 8, 8))
+    assert not torch.allclose(first.model.grid_ap, parallel_ap, atol=1e-3)
+    assert not torch.allclose(first.model.grid_lat, parallel_lat, atol=1e-3)
     out2 = run(_compose(_overrides(latent_dataset, tmp_path, steps=4)))  # ckpt_path=last -> resume
     assert out2["global_step"] == 4
     second = torch.load(out2["last_checkpoint"], weights_only=True)

@@ -1,0 +1,209 @@
+"""BiFlowNet benchmark: training-step time, peak memory, achieved TFLOP/s (GPU), parameter counts.
+
+    python -m benchmarks.bench_biflownet                         # tiny preset, CPU or GPU, prints JSON
+    python -m benchmarks.bench_biflownet --preset base --latent-size 32 --batch 2
+    python -m benchmarks.bench_biflownet --study conditioning --data outputs/demo/data --steps 300
+
+``--study conditioning`` trains the tiny preset with each X-ray conditioning mode (plain cross-attention,
+footprint-restricted cross-attention, back-projection, footprint + back-projection) for the same number
+of steps on a prepared dataset with latents, and reports the validation denoising loss (fixed timesteps,
+fixed noise) of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ddpm import BiFlowNet, BiFlowNetModule, Diffusion, count_parameters
+
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "diffusion"
+PRESETS = ("tiny", "small", "base", "large")
+
+
+def preset(name: str, latent_size: int | None = None) -> dict:
+    """Network kwargs of a size preset (optionally at another cubic latent size)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG / "network" / f"{name}.yaml"))
+    if latent_size:
+        cfg["latent_shape"] = [latent_size] * 3
+    return cfg
+
+
+def parameter_counts() -> dict:
+    """Trainable parameters per preset (whole network and its X-ray encoder)."""
+    out = {}
+    for name in PRESETS:
+        net = BiFlowNet(**preset(name))
+        out[name] = {"total": count_parameters(net), "xray_encoder": count_parameters(net.xray_encoder)}
+    return out
+
+
+def step_benchmark(name: str, latent_size: int | None, batch: int, steps: int, device: str) -> dict:
+    """Time full training steps (forward, loss, backward, AdamW step) of one preset."""
+    cfg = preset(name, latent_size)
+    dev = torch.device(device)
+    net = BiFlowNet(**cfg).to(dev)
+    diff = Diffusion("ddpm", "v")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    c, shape = cfg["in_channels"], cfg["latent_shape"]
+    z = torch.randn(batch, c, *shape, device=dev)
+    xr = cfg.get("xray")
+    cond = {"y": torch.zeros(batch, dtype=torch.long, device=dev)} if cfg.get("num_classes") else {}
+    if xr:
+        cond["ap"] = torch.rand(batch, 1, *xr["image_size"], device=dev)
+        cond["lat"] = torch.rand(batch, 1, *xr["image_size"], device=dev)
+    use_bf16 = dev.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = diff.training_loss(lambda x, t: net(x, t, **cond), z)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    flops = None
+    if dev.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = counter.get_total_flops()
+        torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    out = {
+        "preset": name,
+        "latent_shape": list(shape),
+        "batch": batch,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "precision": "bf16-mixed" if use_bf16 else "fp32",
+        "step_time_s": round(dt, 4),
+        "params": count_parameters(net),
+    }
+    if dev.type == "cuda":
+        out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 3)
+        out["tflops_per_step"] = round(flops / 1e12, 3)
+        out["achieved_tflops"] = round(flops / dt / 1e12, 2)
+    else:
+        out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
+        out["threads"] = torch.get_num_threads()
+    return out
+
+
+MODES = {
+    "cross_attention": {"cross_attention": "full", "back_projection": False},
+    "footprint": {"cross_attention": "footprint", "back_projection": False},
+    "back_projection": {"cross_attention": "none", "back_projection": True},
+    "footprint+back_projection": {"cross_attention": "footprint", "back_projection": True},
+    "pooled_only": {"cross_attention": "none", "back_projection": False},
+}
+
+
+def conditioning_study(data: Path, steps: int, batch: int, seed: int) -> dict:
+    """Train the tiny preset per conditioning mode for `steps` steps; report the validation denoising loss."""
+    from dataset import PairedDataModule
+    from ddpm.preflight import read_latent_stats
+
+    dm = PairedDataModule(data / "manifest.csv", batch_size=batch, load=("ap", "lat", "latent"))
+    dm.setup("fit")
+    train = [dm.datasets["train"][i] for i in range(len(dm.datasets["train"]))]
+    held = [dm.datasets[s][i] for s in ("val", "test") for i in range(len(dm.datasets[s]))]
+    stack = lambda items, k: torch.stack([it[k] for it in items])  # noqa: E731
+    stats = read_latent_stats(data / "latent_stats.json")
+    xray_hw = list(train[0]["ap"].shape[1:])
+    shape = list(train[0]["latent"].shape)
+    results = {}
+    for mode, kw in MODES.items():
+        torch.manual_seed(seed)
+        net_cfg = {**preset("tiny"), **kw, "in_channels": shape[0], "latent_shape": shape[1:]}
+        net_cfg["xray"] = {**net_cfg["xray"], "image_size": xray_hw}
+        module = BiFlowNetModule(net_cfg, {"process": "ddpm", "target": "v"}, latent_stats=stats, p_uncond=0.1)
+        net, diff = module.model, module.diffusion
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(0, len(train), (batch,), generator=g).tolist()
+            items = [train[i] for i in idx]
+            z = module.normalize(stack(items, "latent"))
+            ap, lat = stack(items, "ap"), stack(items, "lat")
+            drop = torch.rand(batch, generator=g) < 0.1
+            loss = diff.training_loss(lambda x, t: net(x, t, ap=ap, lat=lat, drop=drop, y=torch.zeros(batch, dtype=torch.long)), z, generator=g)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        train_time = time.perf_counter() - t0
+        net.eval()
+        z = module.normalize(stack(held, "latent"))
+        ap, lat = stack(held, "ap"), stack(held, "lat")
+        y = torch.zeros(len(held), dtype=torch.long)
+        with torch.no_grad():
+            vals, vals_shuffled = [], []
+            perm = torch.roll(torch.arange(len(held)), 1)  # X-rays of another subject: does the net use them?
+            for t in (50, 200, 400, 600, 800):
+                tt = torch.full((len(held),), t)
+                ge = torch.Generator().manual_seed(1000 + t)
+                vals.append(diff.training_loss(lambda x, s: net(x, s, y=y, ap=ap, lat=lat), z, t=tt, generator=ge).item())
+                ge = torch.Generator().manual_seed(1000 + t)
+                vals_shuffled.append(
+                    diff.training_loss(lambda x, s: net(x, s, y=y, ap=ap[perm], lat=lat[perm]), z, t=tt, generator=ge).item()
+                )
+        results[mode] = {
+            "val_loss": round(sum(vals) / len(vals), 4),
+            "val_loss_wrong_xrays": round(sum(vals_shuffled) / len(vals_shuffled), 4),
+            "val_loss_per_t": [round(v, 4) for v in vals],
+            "train_time_s": round(train_time, 1),
+            "params": count_parameters(net),
+        }
+    return {"study": "conditioning", "data": str(data), "steps": steps, "batch": batch, "seed": seed,
+            "train_subjects": len(train), "heldout_subjects": len(held), "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=PRESETS)
+    p.add_argument("--latent-size", type=int, default=None, help="cubic latent edge (default: the preset's)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--study", choices=["conditioning"], default=None)
+    p.add_argument("--data", type=Path, default=None, help="prepared dataset folder with latents (--study)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        if a.study == "conditioning":
+            if a.data is None:
+                raise ValueError("--study conditioning needs --data (a prepared dataset folder with latents)")
+            out = conditioning_study(a.data, a.steps, a.batch, a.seed)
+        else:
+            out = {"benchmark": "biflownet_train_step", **step_benchmark(a.preset, a.latent_size, a.batch, a.steps, a.device),
+                   "parameter_counts": parameter_counts()}
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bench_biflownet: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
