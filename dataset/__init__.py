@@ -12,6 +12,11 @@ from dataset.volume import image_to_volume, volume_to_image
 
 # the datamodules import Lightning (seconds); the CLIs in this package never need them, so load on use
 _LAZY = {"CTDataModule": "dataset.ct_datamodule", "PairedDataModule": "dataset.paired_datamodule"}
+# converters pull in pydicom / h5py, which training never needs
+_LAZY.update({"convert_dicom_folder": "dataset.convert_dicom", "read_dicom_series": "dataset.convert_dicom",
+              "convert_pt_dataset": "dataset.convert_pt", "convert_h5_point_clouds": "dataset.convert_h5_points",
+              "voxelize_points": "dataset.convert_h5_points", "volume_to_point_csv": "dataset.convert_volume_points",
+              "volume_to_points": "dataset.convert_volume_points"})
 
 
 def __getattr__(name: str):
@@ -42,3 +47,5 @@ __all__ = [
     "volume_to_image",
     "write_nifti",
 ]
+__all__ += ["convert_dicom_folder", "convert_h5_point_clouds", "convert_pt_dataset", "read_dicom_series",
+            "volume_to_point_csv", "volume_to_points", "voxelize_points"]

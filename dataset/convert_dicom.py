@@ -228,7 +228,7 @@ def read_dicom_series(files: Sequence[str | Path], name: str = "series") -> tio.
     return tio.ScalarImage(tensor=tensor, affine=_LPS_TO_RAS @ lps)
 
 
-def convert_dicom(input_dir: str | Path, out: str | Path, dtype: str = "int16", overwrite: bool = False,
+def convert_dicom_folder(input_dir: str | Path, out: str | Path, dtype: str = "int16", overwrite: bool = False,
                   progress: bool = True) -> PrepareSummary:
     """Convert every DICOM series under ``input_dir`` into ``out/<name>.nii.gz`` plus ``out/series.csv``.
 
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        summary = convert_dicom(args.input, args.out, args.dtype, args.overwrite, progress=not args.no_progress)
+        summary = convert_dicom_folder(args.input, args.out, args.dtype, args.overwrite, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
