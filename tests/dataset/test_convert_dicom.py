@@ -36,9 +36,13 @@ def _slice(path: Path, pixels: np.ndarray, ipp, iop, uid: str, number: int = 1, 
     ds.PixelSpacing = list(spacing)
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype(np.int16).tobytes()
+    if pixels.dtype == np.float32:  # Float Pixel Data (the only DICOM pixels that can hold NaN)
+        ds.BitsAllocated = 32
+        ds.FloatPixelData = pixels.tobytes()
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = pixels.astype(np.int16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
 
@@ -166,6 +170,18 @@ def test_truncated_pixels_only_input_exits_2_and_writes_nothing(tmp_path: Path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "all 1 series failed" in err[0]
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_nan_pixels_fail_the_series(tmp_path: Path, capsys) -> None:
+    uid = generate_uid()
+    for k in range(3):
+        pixels = np.full((4, 5), 40.0, np.float32)
+        pixels[1, 2] = np.nan if k == 1 else 0.0
+        _slice(tmp_path / "src" / "s" / f"{k}.dcm", pixels, (0.0, 0.0, 2.0 * k), AXIAL, uid)
+    with pytest.raises(ValueError, match="1 voxels are NaN"):
+        read_dicom_series(sorted((tmp_path / "src" / "s").iterdir()), "s")
+    assert main(["--input", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "NaN" in capsys.readouterr().out and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_a_folder"])

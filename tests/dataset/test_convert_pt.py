@@ -127,24 +127,28 @@ def test_ct_axes_and_flip(tmp_path: Path) -> None:
 
 
 def test_bad_subjects_are_recorded_and_the_rest_go_on(tmp_path: Path, capsys) -> None:
-    cts, xrays = _seed_layout(tmp_path, 6)
+    cts, xrays = _seed_layout(tmp_path, 8)
     torch.save(_xray(9, 24, 20), xrays / "s1" / "LAT.pt")  # AP 20x24, LAT 24x20
     (xrays / "s2" / "LAT.pt").unlink()
     bad = _hu(3)
     bad[2, 3, 4] = float("nan")
     torch.save(bad, cts / "s3.pt")
     (cts / "s4.pt").write_bytes(b"not a tensor")
+    torch.save(torch.zeros(12, 10), cts / "s5.pt")  # 2-D
+    torch.save(torch.rand(3, 20, 24), xrays / "s6" / "AP.pt")  # RGB-like
     (xrays / "orphan").mkdir()
     torch.save(_xray(0), xrays / "orphan" / "AP.pt")
     out = tmp_path / "out"
     assert main(["--ct-dir", str(cts), "--xray-dir", str(xrays), "--out", str(out), *ARGS]) == 0
     text = capsys.readouterr().out
-    assert "7 subjects: 2 prepared, 0 skipped (already done), 5 failed" in text
+    assert "9 subjects: 2 prepared, 0 skipped (already done), 7 failed" in text
+    assert "s5.pt: tensor has shape (12, 10); expected a 3-D CT" in text
+    assert "s6/AP.pt: X-ray has shape (3, 20, 24)" in text
     assert "subject s1: AP is (20, 24) but LAT is (24, 20)" in text
     assert "s2/LAT.pt: no such file" in text and "NaN" in text and "s4.pt" in text and "no CT for subject orphan" in text
-    assert sorted(Manifest.load(out / "manifest.csv").frame["subject_id"]) == ["s0", "s5"]
-    assert sorted(p.name for p in (out / "xray").iterdir()) == ["s0", "s5"]
-    assert sorted(p.name for p in (out / "ct").iterdir()) == ["s0.nii.gz", "s5.nii.gz"]
+    assert sorted(Manifest.load(out / "manifest.csv").frame["subject_id"]) == ["s0", "s7"]
+    assert sorted(p.name for p in (out / "xray").iterdir()) == ["s0", "s7"]
+    assert sorted(p.name for p in (out / "ct").iterdir()) == ["s0.nii.gz", "s7.nii.gz"]
 
 
 def test_resume_and_changed_settings(tmp_path: Path, capsys) -> None:
