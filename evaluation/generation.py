@@ -1,0 +1,202 @@
+"""Latent diffusion sampling + volume-wise decoding: the one generation path every CLI uses.
+
+A :class:`CTGenerator` holds a trained BiFlowNet (EMA weights) and the frozen autoencoder whose latent
+space it was trained in. ``sample`` draws latents with the chosen sampler (optionally with
+classifier-free guidance), de-normalises them and decodes them to ``(K, 1, D, H, W)`` volumes in
+[-1, 1]; ``to_hu_image`` turns one into a TorchIO image in HU with the training spacing, ready to be
+written as NIfTI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torchio as tio
+
+from AutoEncoder import PatchVolumeAutoencoder, load_autoencoder
+from dataset import DatasetInfo, HUWindow, volume_to_image
+from ddpm import LoadedBiFlowNet, guided, load_biflownet
+
+SAMPLERS = ("ddim", "ddpm", "rflow")
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class CTGenerator:
+    """A BiFlowNet + autoencoder pair that turns (X-rays, label) into CT volumes.
+
+    Attributes:
+        biflownet: loaded BiFlowNet (model in eval mode, diffusion settings, latent statistics).
+        autoencoder: frozen autoencoder whose latent space the BiFlowNet was trained in.
+        window: HU window of the training data ([-1, 1] <-> HU).
+        spacing: voxel spacing (D, H, W) in mm of the training preprocessing.
+        device: where sampling runs.
+        bf16: run the networks under bf16 autocast (CUDA only; sampler arithmetic stays fp32).
+    """
+
+    biflownet: LoadedBiFlowNet
+    autoencoder: PatchVolumeAutoencoder
+    window: HUWindow
+    spacing: tuple[float, float, float]
+    device: torch.device
+    bf16: bool = False
+
+    @classmethod
+    def from_checkpoints(cls, checkpoint: str | os.PathLike, autoencoder: str | os.PathLike | None = None,
+                         device: str | torch.device | None = None, bf16: bool | None = None) -> "CTGenerator":
+        """Load both networks and check that they belong together.
+
+        Args:
+            checkpoint: BiFlowNet checkpoint (``train.train_BiFlowNet``).
+            autoencoder: autoencoder checkpoint; default: the one recorded in the BiFlowNet checkpoint.
+            device: default CUDA when available.
+            bf16: default True on CUDA.
+
+        Raises:
+            FileNotFoundError: a checkpoint is missing.
+            ValueError: a checkpoint of the wrong kind, or the two do not fit each other.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        loaded = load_biflownet(checkpoint, map_location=device)
+        if autoencoder is None:
+            autoencoder = (loaded.hparams.get("latent_stats") or {}).get("autoencoder_ckpt")
+            if not autoencoder:
+                raise ValueError(f"{checkpoint}: records no autoencoder checkpoint; pass --autoencoder PATH")
+        ae = load_autoencoder(autoencoder, map_location=device)
+        check_compatible(loaded, ae, checkpoint, autoencoder)
+        info = ae.dataset_info or {}
+        if "window" not in info or "spacing" not in info:
+            raise ValueError(f"{autoencoder}: stores no dataset description (window, spacing); "
+                             "retrain it with a prepared dataset (dataset.json next to the manifest)")
+        window = HUWindow.from_dict(info["window"])
+        spacing = tuple(float(s) for s in info["spacing"])
+        bf16 = (device.type == "cuda") if bf16 is None else bool(bf16)
+        if bf16 and device.type != "cuda":
+            raise ValueError(f"bf16 sampling needs a CUDA device; got device={device}")
+        return cls(loaded, ae, window, spacing, device, bf16)
+
+    @property
+    def needs_xrays(self) -> bool:
+        return self.biflownet.conditioning["xray_size"] is not None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.biflownet.conditioning["num_classes"])
+
+    def check_xrays(self, ap: torch.Tensor, lat: torch.Tensor, name: str = "X-ray pair") -> None:
+        """Raise ``ValueError`` unless ``ap``/``lat`` are a ``(1, H, W)`` pair of the trained size in [0, 1]."""
+        expected = tuple(self.biflownet.conditioning["xray_size"] or ())
+        for view, x in (("AP", ap), ("LAT", lat)):
+            if x.ndim != 3 or x.shape[0] != 1:
+                raise ValueError(f"{name}: {view} has shape {tuple(x.shape)}; expected (1, H, W)")
+            if tuple(x.shape[1:]) != expected:
+                raise ValueError(f"{name}: {view} is {tuple(x.shape[1:])} pixels; the model was trained on {expected}")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name}: {view} has NaN or Inf pixels")
+            if float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3:
+                raise ValueError(f"{name}: {view} values span [{float(x.min()):.3g}, {float(x.max()):.3g}]; "
+                                 "expected a radiograph normalised to [0, 1]")
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def sample(self, ap: torch.Tensor | None = None, lat: torch.Tensor | None = None, label: int | None = None,
+               num_samples: int = 1, sampler: str = "ddim", num_inference_steps: int = 50,
+               guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> torch.Tensor:
+        """Draw ``num_samples`` volumes for one condition.
+
+        Args:
+            ap, lat: ``(1, H, W)`` X-rays in [0, 1] for an X-ray-conditioned model (ignored otherwise);
+                leave both out to sample unconditionally from the learned null X-ray tokens.
+            label: class label (required by a class-conditional model, else ignored).
+            num_samples: K volumes from independent noise.
+            sampler: ``"ddim"``, ``"ddpm"`` or ``"rflow"`` (must fit the trained process).
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance scale (1 = the conditional model alone).
+            generator: CPU ``torch.Generator`` for the starting noise and stochastic samplers.
+            batch_size: samples per network batch (default all K at once).
+
+        Returns:
+            float32 ``(K, 1, D, H, W)`` volumes in [-1, 1] on the CPU.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is invalid; expected one of {SAMPLERS}")
+        if num_samples < 1 or num_inference_steps < 1:
+            raise ValueError(f"num_samples={num_samples} and num_inference_steps={num_inference_steps} must be >= 1")
+        cond: dict[str, torch.Tensor] = {}
+        # an X-ray model without X-rays samples unconditionally from its learned null tokens
+        unconditional = self.needs_xrays and ap is None and lat is None
+        if self.needs_xrays and not unconditional:
+            if ap is None or lat is None:
+                raise ValueError("give both an AP and a LAT image (or neither, for unconditional sampling)")
+            self.check_xrays(ap, lat)
+        if unconditional and guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale} needs X-rays to guide towards; use 1.0 without them")
+        if self.num_classes > 0:
+            if label is None or not 0 <= int(label) < self.num_classes:
+                raise ValueError(f"label={label!r} is invalid; expected an integer in [0, {self.num_classes})")
+        cfg = self.biflownet.conditioning
+        shape = (cfg["latent_channels"], *cfg["latent_shape"])
+        generator = generator or torch.Generator().manual_seed(0)
+        step = batch_size or num_samples
+        out = []
+        for start in range(0, num_samples, step):
+            k = min(step, num_samples - start)
+            if self.num_classes > 0:
+                cond["y"] = torch.full((k,), int(label), dtype=torch.long, device=self.device)
+            if unconditional:
+                blank = torch.zeros((k, 1, *self.biflownet.conditioning["xray_size"]), device=self.device)
+                drop = torch.ones(k, dtype=torch.bool, device=self.device)
+                model_fn = partial(self.biflownet.model, ap=blank, lat=blank, drop=drop, **cond)
+            else:
+                if self.needs_xrays:
+                    cond["ap"] = ap[None].expand(k, -1, -1, -1).to(self.device)
+                    cond["lat"] = lat[None].expand(k, -1, -1, -1).to(self.device)
+                model_fn = guided(self.biflownet.model, guidance_scale, **cond)
+            noise = torch.randn((k, *shape), generator=generator).to(self.device)
+            gen = generator if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(
+                int(torch.randint(0, 2**62, (1,), generator=generator)))
+            with self._autocast():
+                z = self.biflownet.diffusion.sample(
+                    model_fn, noise, gen,
+                    num_inference_steps=num_inference_steps, sampler=sampler)
+                x = self.autoencoder.decode(self.biflownet.denormalize(z.float()), quantize=True)
+            out.append(x.float().clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+    def to_hu_image(self, volume: torch.Tensor) -> tio.ScalarImage:
+        """``(1, D, H, W)`` volume in [-1, 1] -> TorchIO image in HU with the training spacing (LPI)."""
+        return volume_to_image(self.window.to_hu(volume), self.spacing)
+
+    def std_hu_image(self, volumes: torch.Tensor) -> tio.ScalarImage:
+        """Per-voxel standard deviation in HU of ``(K, 1, D, H, W)`` samples, as an image."""
+        return volume_to_image(self.window.to_hu(volumes).std(dim=0, unbiased=volumes.shape[0] > 1), self.spacing)
+
+
+def check_compatible(loaded: LoadedBiFlowNet, ae: PatchVolumeAutoencoder, ckpt: object, ae_ckpt: object) -> None:
+    """Raise ``ValueError`` when the BiFlowNet was not trained in this autoencoder's latent space."""
+    cfg = loaded.conditioning
+    if int(cfg["latent_channels"]) != ae.latent_channels:
+        raise ValueError(f"{ckpt} expects {cfg['latent_channels']} latent channels but autoencoder {ae_ckpt} "
+                         f"produces {ae.latent_channels}; use the autoencoder the latents were made with")
+
+
+def dataset_info_of(manifest: str | os.PathLike) -> DatasetInfo:
+    """The prepared dataset description stored next to ``manifest``."""
+    return DatasetInfo.load(Path(manifest).parent)
+
+
+__all__ = ["CTGenerator", "SAMPLERS", "check_compatible", "dataset_info_of", "default_device"]

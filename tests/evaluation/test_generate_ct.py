@@ -1,0 +1,228 @@
+"""generate_ct / class_conditional_generation CLIs on tiny checkpoints made here from the real modules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from AutoEncoder import PatchVolumeModule
+from dataset import DatasetInfo, Manifest
+from ddpm import BiFlowNetModule
+from evaluation import class_conditional_generation, generate_ct
+from evaluation.generation import CTGenerator
+
+AE_CONFIG = {
+    "in_channels": 1, "channels": [8, 8, 8], "embedding_dim": 4, "n_codes": 32, "num_res_blocks": 1,
+    "attention_heads": 1, "num_groups": 4, "patch_size": 16, "encode_chunk_size": 4,
+    "codebook": {"decay": 0.9, "dead_threshold": 0.01},
+}
+
+
+def network(**overrides) -> dict:
+    cfg = {"in_channels": 4, "latent_shape": [8, 8, 8], "model_channels": 8, "channel_mults": [1, 1, 2],
+           "attn_levels": [2], "norm_groups": 4, "sub_volume": 4, "token_patch": 2, "dit_heads": 2,
+           "mlp_ratio": 2.0, "num_mid_dit": 1, "num_classes": 0,
+           "xray": {"image_size": [32, 32], "patch_size": 8, "dim": 16, "depth": 1, "num_heads": 2},
+           "cross_attention": "footprint", "back_projection": True, "backproj_channels": 4}
+    cfg.update(overrides)
+    return cfg
+
+
+PROCESS = {"process": "ddpm", "target": "v", "num_train_timesteps": 100, "sampler": "ddim", "num_inference_steps": 3}
+
+
+def save_module(module, path: Path) -> Path:
+    """What Lightning writes, minus trainer state: the state dict and the plain hyper-parameters."""
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_prepared_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("gen_ckpts")
+    info = DatasetInfo.load(tiny_prepared_dataset.parent).to_dict()
+    ae = PatchVolumeModule(AE_CONFIG, loss={"perceptual_weight": 0.0}, dataset_info=info)
+    ae_path = save_module(ae, root / "ae.ckpt")
+    stats = {"mean": 0.0, "std": 1.0, "autoencoder_ckpt": str(ae_path)}
+    paths = {"ae": ae_path}
+    for name, net in {"xray": network(), "class": network(xray=None, cross_attention="none",
+                                                           back_projection=False, num_classes=2)}.items():
+        module = BiFlowNetModule(net, PROCESS, latent_stats=stats,
+                                 dataset_json=str(tiny_prepared_dataset.parent / "dataset.json"))
+        module.setup("fit")  # cone-beam grids from dataset.json
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # random weights: the zero-initialised conditioning paths become active
+            for p in module.ema_model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        paths[name] = save_module(module, root / f"biflownet_{name}.ckpt")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_prepared_dataset: Path) -> tuple[Path, Path, str]:
+    row = next(Manifest.load(tiny_prepared_dataset).split("test").itertuples())
+    return Path(row.ap), Path(row.lat), row.subject_id
+
+
+def run_cli(module, args: list, capsys) -> tuple[int, str]:
+    code = module.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+def test_one_pair_writes_hu_nifti_with_training_spacing(checkpoints, pair, tiny_prepared_dataset, tmp_path, capsys):
+    ap, lat, _ = pair
+    out = tmp_path / "ct.nii.gz"
+    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat,
+                                      "--output", out, "--num-inference-steps", 2], capsys)
+    assert code == 0, err
+    data, affine = load(out)
+    info = DatasetInfo.load(tiny_prepared_dataset.parent)
+    assert data.shape == tuple(info.shape)
+    assert np.allclose(sorted(np.abs(np.diag(affine)[:3])), sorted(info.spacing))
+    assert info.window.hu_min - 1e-3 <= data.min() and data.max() <= info.window.hu_max + 1e-3
+    assert data.std() > 0  # a decoded volume, not a constant
+
+
+def test_same_seed_same_volume_other_xrays_other_volume(checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    base = ["--checkpoint", checkpoints["xray"], "--num-inference-steps", 2, "--seed", 3]
+    for name, (a, b) in {"a": (ap, lat), "b": (ap, lat), "c": (lat, ap)}.items():
+        assert run_cli(generate_ct, base + ["--ap", a, "--lat", b, "--output", tmp_path / f"{name}.nii.gz"], capsys)[0] == 0
+    a, b, c = (load(tmp_path / f"{n}.nii.gz")[0] for n in "abc")
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)  # swapping the views changes the condition and so the output
+
+
+def test_num_samples_writes_mean_std_and_samples(checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    out = tmp_path / "ct.nii.gz"
+    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat, "--output", out,
+                                      "--num-samples", 3, "--num-inference-steps", 2], capsys)
+    assert code == 0, err
+    samples = np.stack([load(tmp_path / f"ct_sample{k}.nii.gz")[0] for k in range(3)])
+    mean, std = load(out)[0], load(tmp_path / "ct_std.nii.gz")[0]
+    assert np.allclose(mean, samples.mean(0), atol=1e-2)
+    assert np.allclose(std, samples.std(0, ddof=1), atol=1e-2)
+    assert std.max() > 0  # independent noise gives different samples
+
+
+def test_batch_mode_over_manifest_split(checkpoints, tiny_prepared_dataset, tmp_path, capsys):
+    out = tmp_path / "gen"
+    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--manifest", tiny_prepared_dataset,
+                                      "--split", "test", "--output-dir", out, "--num-inference-steps", 1,
+                                      "--no-progress"], capsys)
+    assert code == 0, err
+    ids = list(Manifest.load(tiny_prepared_dataset).split("test").subject_id)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.nii.gz" for i in ids)
+
+
+def test_existing_output_refused_unless_overwrite(checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    out = tmp_path / "ct.nii.gz"
+    out.write_bytes(b"keep me")
+    args = ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat, "--output", out, "--num-inference-steps", 1]
+    code, err = run_cli(generate_ct, args, capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert out.read_bytes() == b"keep me"
+    assert run_cli(generate_ct, args + ["--overwrite"], capsys)[0] == 0
+    assert load(out)[0].ndim == 3
+
+
+def bad_xray(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "small":
+        torch.save(torch.rand(1, 16, 16), path)
+    elif kind == "nan":
+        x = torch.rand(1, 32, 32)
+        x[0, 3, 3] = float("nan")
+        torch.save(x, path)
+    elif kind == "range":
+        torch.save(torch.rand(1, 32, 32) * 255, path)
+    elif kind == "corrupt":
+        path.write_bytes(b"not a tensor")
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [("small", "expected a pair of the same size"), ("nan", "NaN"), ("range", "[0, 1]"),
+                                          ("corrupt", "cannot be read"), ("missing", "no such file")])
+def test_bad_xray_is_one_clear_error_and_nothing_written(kind, message, checkpoints, pair, tmp_path, capsys):
+    ap, _, _ = pair
+    out = tmp_path / "ct.nii.gz"
+    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", bad_xray(tmp_path, kind),
+                                      "--output", out], capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_xrays_of_untrained_size_are_refused(checkpoints, tmp_path, capsys):
+    small = bad_xray(tmp_path, "small")
+    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", small, "--lat", small,
+                                      "--output", tmp_path / "ct.nii.gz"], capsys)
+    assert code == 2 and "(16, 16) pixels; the model was trained on (32, 32)" in err
+
+
+def test_autoencoder_checkpoint_as_model_is_refused(checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["ae"], "--ap", ap, "--lat", lat,
+                                      "--output", tmp_path / "ct.nii.gz"], capsys)
+    assert code == 2 and "not a BiFlowNet checkpoint" in err
+
+
+def test_autoencoder_of_other_latent_space_is_refused(checkpoints, tiny_prepared_dataset, tmp_path):
+    info = DatasetInfo.load(tiny_prepared_dataset.parent).to_dict()
+    other = save_module(PatchVolumeModule({**AE_CONFIG, "embedding_dim": 2}, loss={"perceptual_weight": 0.0},
+                                          dataset_info=info), tmp_path / "other_ae.ckpt")
+    with pytest.raises(ValueError, match="latent channels"):
+        CTGenerator.from_checkpoints(checkpoints["xray"], other, device="cpu")
+
+
+def test_recorded_autoencoder_is_found(checkpoints):
+    gen = CTGenerator.from_checkpoints(checkpoints["xray"], device="cpu")
+    assert gen.needs_xrays and gen.autoencoder.latent_channels == 4
+
+
+def test_class_conditional_generation_by_label(checkpoints, tmp_path, capsys):
+    out = tmp_path / "samples"
+    code, err = run_cli(class_conditional_generation, ["--checkpoint", checkpoints["class"], "--output-dir", out,
+                                                       "--num-volumes", 2, "--all-labels", "--num-inference-steps", 2],
+                        capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["class0_0000.nii.gz", "class0_0001.nii.gz", "class1_0000.nii.gz", "class1_0001.nii.gz"]
+    c0, c1 = load(out / "class0_0000.nii.gz")[0], load(out / "class1_0000.nii.gz")[0]
+    assert c0.shape == (32, 32, 32) and not np.allclose(c0, c1)
+
+
+def test_class_model_needs_a_label(checkpoints, tmp_path, capsys):
+    code, err = run_cli(class_conditional_generation, ["--checkpoint", checkpoints["class"], "--output-dir", tmp_path],
+                        capsys)
+    assert code == 2 and "--label" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_xray_model_samples_unconditionally(checkpoints, tmp_path, capsys):
+    out = tmp_path / "samples"
+    code, err = run_cli(class_conditional_generation, ["--checkpoint", checkpoints["xray"], "--output-dir", out,
+                                                       "--num-volumes", 1, "--num-inference-steps", 2], capsys)
+    assert code == 0, err
+    assert [p.name for p in out.iterdir()] == ["sample_0000.nii.gz"]
+    code, err = run_cli(class_conditional_generation, ["--checkpoint", checkpoints["xray"], "--output-dir", out,
+                                                       "--label", 1], capsys)
+    assert code == 2 and "no usable class condition" in err
+
+
+def test_recorded_stats_travel_into_checkpoint(checkpoints):
+    hp = torch.load(checkpoints["xray"], weights_only=True)["hyper_parameters"]
+    assert json.loads(json.dumps(hp["latent_stats"]))["autoencoder_ckpt"] == str(checkpoints["ae"])
