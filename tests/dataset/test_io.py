@@ -135,3 +135,35 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
     atomic_save_torch(torch.ones(2), tmp_path / "t.pt")
     assert torch.equal(torch.load(tmp_path / "t.pt", weights_only=True), torch.ones(2))
+
+
+@pytest.mark.parametrize("mode,scale", [("L", 255.0), ("I;16", 65535.0)])
+def test_xray_from_png_scales_by_bit_depth(tmp_path: Path, mode: str, scale: float) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, int(scale) + 1, size=(6, 7)).astype(np.uint8 if mode == "L" else np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "AP.png")  # uint8 -> "L", uint16 -> "I;16"
+    x = load_xray(tmp_path / "AP.png")
+    assert x.shape == (1, 6, 7)  # rows x columns as in the picture
+    assert torch.allclose(x[0], torch.from_numpy(pixels.astype(np.float32)) / scale)
+
+
+def test_xray_from_2d_nifti_reads_axis0_as_columns(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    image = torch.rand(6, 7)  # (rows, cols)
+    nib.save(nib.Nifti1Image(image.numpy().T, np.eye(4)), str(tmp_path / "AP.nii.gz"))
+    assert torch.equal(load_xray(tmp_path / "AP.nii.gz")[0], image)
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    with pytest.raises(ValueError, match="vol.nii.gz.*2-D"):
+        load_xray(tmp_path / "vol.nii.gz")
+
+
+@pytest.mark.parametrize("name,content", [("AP.pt", b"not a tensor"), ("AP.png", b"\x89PNG broken"),
+                                          ("AP.bmpx", b"whatever")])
+def test_unreadable_xray_is_one_line_naming_the_file(tmp_path: Path, name: str, content: bytes) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")) as err:
+        load_xray(tmp_path / name)
+    assert len(str(err.value).splitlines()) == 1
