@@ -14,7 +14,9 @@ def read_latent_stats(path: str | os.PathLike) -> dict:
     """Read ``latent_stats.json`` written by ``train.generate_training_latent``.
 
     Returns:
-        {"mean": float | list[float], "std": float | list[float]}.
+        {"mean": float | list[float], "std": float | list[float]}, plus "autoencoder_ckpt" (absolute
+        path of the autoencoder that made the latents) when the file records it; it travels into the
+        BiFlowNet checkpoint so generation finds its decoder.
 
     Raises:
         FileNotFoundError: the file is missing.
@@ -30,6 +32,8 @@ def read_latent_stats(path: str | os.PathLike) -> dict:
         torch.as_tensor(stats["std"], dtype=torch.float32)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: expected JSON with numeric 'mean' and 'std' ({type(e).__name__}: {e})") from e
+    if d.get("autoencoder_ckpt"):
+        stats["autoencoder_ckpt"] = str((path.parent / d["autoencoder_ckpt"]).resolve())
     return stats
 
 

@@ -43,7 +43,8 @@ def cone_beam_grids(
     latent voxel centre is projected through the stored DRR geometry.
 
     Returns:
-        (grid_ap, grid_lat), each (D, H, W, 2) float32.
+        (grid_ap, grid_lat), each (D, H, W, 2) float32; the parallel-beam grids when the dataset records
+        no geometry (X-rays imported by ``dataset.convert_pt`` without one).
     """
     path = Path(dataset_json)
     if not path.is_file():
@@ -51,6 +52,8 @@ def cone_beam_grids(
     from dataset.dataset_info import DatasetInfo  # lazy: only callers with a prepared dataset need it
 
     info = DatasetInfo.load(path)
+    if info.geometry is None:
+        return parallel_projection_grids(tuple(latent_shape_dhw))
     spacing = tuple(s * ct / lat for s, ct, lat in zip(info.spacing, info.shape, latent_shape_dhw))
     grids = [info.geometry.sample_grid(view, tuple(latent_shape_dhw), spacing).float() for view in ("AP", "LAT")]
     for g in grids:
