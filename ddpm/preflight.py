@@ -14,7 +14,7 @@ def read_latent_stats(path: str | os.PathLike) -> dict:
     """Read ``latent_stats.json`` written by ``train.generate_training_latent``.
 
     Returns:
-        {"mean": float | list[float], "std": float | list[float]}, plus "autoencoder_ckpt" (absolute
+        {"mean": float | list[float], "std": float | list[float]}, plus "ae_checkpoint" (absolute
         path of the autoencoder that made the latents) when the file records it; it travels into the
         BiFlowNet checkpoint so generation finds its decoder.
 
@@ -32,8 +32,8 @@ def read_latent_stats(path: str | os.PathLike) -> dict:
         torch.as_tensor(stats["std"], dtype=torch.float32)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: expected JSON with numeric 'mean' and 'std' ({type(e).__name__}: {e})") from e
-    if d.get("autoencoder_ckpt"):
-        stats["autoencoder_ckpt"] = str((path.parent / d["autoencoder_ckpt"]).resolve())
+    if d.get("ae_checkpoint"):
+        stats["ae_checkpoint"] = str((path.parent / d["ae_checkpoint"]).resolve())
     return stats
 
 

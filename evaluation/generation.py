@@ -68,7 +68,7 @@ class CTGenerator:
         device = torch.device(device) if device is not None else default_device()
         loaded = load_biflownet(checkpoint, map_location=device)
         if autoencoder is None:
-            autoencoder = (loaded.hparams.get("latent_stats") or {}).get("autoencoder_ckpt")
+            autoencoder = (loaded.hparams.get("latent_stats") or {}).get("ae_checkpoint")
             if not autoencoder:
                 raise ValueError(f"{checkpoint}: records no autoencoder checkpoint; pass --autoencoder PATH")
         ae = load_autoencoder(autoencoder, map_location=device)

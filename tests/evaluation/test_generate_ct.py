@@ -49,7 +49,7 @@ def checkpoints(tiny_prepared_dataset: Path, tmp_path_factory: pytest.TempPathFa
     info = DatasetInfo.load(tiny_prepared_dataset.parent).to_dict()
     ae = PatchVolumeModule(AE_CONFIG, loss={"perceptual_weight": 0.0}, dataset_info=info)
     ae_path = save_module(ae, root / "ae.ckpt")
-    stats = {"mean": 0.0, "std": 1.0, "autoencoder_ckpt": str(ae_path)}
+    stats = {"mean": 0.0, "std": 1.0, "ae_checkpoint": str(ae_path)}
     paths = {"ae": ae_path}
     for name, net in {"xray": network(), "class": network(xray=None, cross_attention="none",
                                                            back_projection=False, num_classes=2)}.items():
@@ -225,4 +225,4 @@ def test_xray_model_samples_unconditionally(checkpoints, tmp_path, capsys):
 
 def test_recorded_stats_travel_into_checkpoint(checkpoints):
     hp = torch.load(checkpoints["xray"], weights_only=True)["hyper_parameters"]
-    assert json.loads(json.dumps(hp["latent_stats"]))["autoencoder_ckpt"] == str(checkpoints["ae"])
+    assert json.loads(json.dumps(hp["latent_stats"]))["ae_checkpoint"] == str(checkpoints["ae"])

@@ -1,4 +1,4 @@
-"""Projection grids from a prepared dataset's dataset.json, with and without a stored DRR geometry."""
+"""What BiFlowNet takes from a prepared dataset: projection grids (with or without DRR geometry), latent statistics."""
 
 import json
 from pathlib import Path
@@ -22,3 +22,10 @@ def test_dataset_without_geometry_falls_back_to_parallel_beam(tiny_prepared_data
     ap, lat = cone_beam_grids(tmp_path / "dataset.json", (8, 8, 8))
     pap, plat = parallel_projection_grids((8, 8, 8))
     assert torch.equal(ap, pap) and torch.equal(lat, plat)
+
+
+def test_latent_stats_keep_the_autoencoder_path(tmp_path: Path) -> None:
+    from ddpm.preflight import read_latent_stats
+
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [0.0], "std": [1.0], "ae_checkpoint": "ae.ckpt"}))
+    assert read_latent_stats(tmp_path / "latent_stats.json")["ae_checkpoint"] == str((tmp_path / "ae.ckpt").resolve())
