@@ -9,6 +9,19 @@ from ddpm.loading import LoadedBiFlowNet, load_biflownet
 from ddpm.projection import back_project, cone_beam_grids, footprint_mask, parallel_projection_grids
 from ddpm.xray_encoder import XrayEncoder
 
+# ddpm.lora imports peft (and through it transformers, seconds of start-up), so its names load on first use.
+_LAZY = {name: "ddpm.lora" for name in ("LoraSettings", "apply_lora", "load_adapter", "save_adapter",
+                                        "check_adapter_fits", "read_adapter_meta", "weights_fingerprint")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ddpm' has no attribute {name!r}")
+
+
 __all__ = [
     "BiFlowNet",
     "BiFlowNetModule",
@@ -18,17 +31,24 @@ __all__ = [
     "FinalLayer",
     "LabelEmbedder",
     "LoadedBiFlowNet",
+    "LoraSettings",
     "NonFiniteLossError",
     "ResolutionEmbedder",
     "TimestepEmbedder",
     "XrayEncoder",
+    "apply_lora",
     "back_project",
+    "check_adapter_fits",
     "cone_beam_grids",
     "count_parameters",
     "footprint_mask",
     "guided",
+    "load_adapter",
     "load_biflownet",
     "parallel_projection_grids",
+    "read_adapter_meta",
+    "save_adapter",
     "sincos_pos_embed_2d",
     "sincos_pos_embed_3d",
+    "weights_fingerprint",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -46,6 +47,11 @@ class BiFlowNetModule(L.LightningModule):
         val_guidance_scale: CFG scale of the validation sample.
         dataset_json: prepared dataset's ``dataset.json``; when it exists the real cone-beam grids
             replace the parallel-beam default at ``setup``.
+        init_from: BiFlowNet checkpoint whose EMA weights (and latent statistics) start this run; its
+            network configuration must equal ``network``.
+        lora: LoRA settings (``ddpm.lora.LoraSettings`` fields) to fine-tune adapters only on top of the
+            ``init_from`` weights, which stay frozen; None trains every weight.
+        adapter_dir: folder the (EMA) adapter is written to at the end of training (LoRA only).
     """
 
     def __init__(
@@ -61,10 +67,23 @@ class BiFlowNetModule(L.LightningModule):
         val_sample_steps: int = 4,
         val_guidance_scale: float = 1.0,
         dataset_json: str | None = None,
+        init_from: str | None = None,
+        lora: dict | None = None,
+        adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = BiFlowNet(**network)
+        self.lora_settings = None
+        base = self._init_from(init_from, network) if init_from else None
+        if lora is not None:
+            from ddpm.lora import LoraSettings, apply_lora, weights_fingerprint
+
+            if base is None:
+                raise ValueError("LoRA fine-tuning needs init_from=<trained BiFlowNet checkpoint> to adapt")
+            self.lora_settings = LoraSettings.from_dict(lora)
+            self.model = apply_lora(self.model, self.lora_settings)
+            self.base_fingerprint = weights_fingerprint(self.model)  # base weights never change in a LoRA run
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.diffusion = Diffusion(**diffusion)
         self.optimizer_factory = optimizer
@@ -83,6 +102,49 @@ class BiFlowNetModule(L.LightningModule):
         self.val_sample_steps = val_sample_steps
         self.val_guidance_scale = val_guidance_scale
         self.dataset_json = dataset_json
+        self.init_from = init_from
+        self.adapter_dir = adapter_dir
+        if base is not None:
+            # keep the base's latent normalisation: the fine-tuned network must see latents scaled as before
+            self.latent_mean.copy_(base.latent_mean.reshape_as(self.latent_mean))
+            self.latent_std.copy_(base.latent_std.reshape_as(self.latent_std))
+
+    def _init_from(self, path: str, network: dict):
+        """Load the base checkpoint's EMA weights into ``self.model``; the network configs must agree."""
+        from ddpm.loading import load_biflownet
+        from ddpm.lora import network_differences
+
+        base = load_biflownet(path)
+        diff = network_differences(dict(network), base.hparams["network"], ("here", "in the base"))
+        if diff:
+            raise ValueError(f"init_from={path}: network configuration differs from the base ({'; '.join(diff[:5])})")
+        self.model.load_state_dict(base.model.state_dict())
+        return base
+
+    def trainable_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the trained network (adapters count as trainable under LoRA)."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.model.parameters())
+
+    def save_adapter(self, adapter_dir: str | None = None) -> Path:
+        """Write the EMA adapter with ``ddpm.lora.save_adapter`` (LoRA runs only); returns the folder."""
+        from ddpm.lora import save_adapter
+
+        if self.lora_settings is None:
+            raise ValueError("save_adapter needs a LoRA run (module built with lora=...)")
+        target = adapter_dir or self.adapter_dir
+        if not target:
+            raise ValueError("no adapter_dir given")
+        trainable, total = self.trainable_counts()
+        return Path(save_adapter(
+            self.ema_model, target, base_checkpoint=self.init_from, network=dict(self.hparams["network"]),
+            settings=self.lora_settings, step=int(self.global_step),
+            extra={"trainable_fraction": trainable / total},
+        ))
+
+    def on_train_end(self) -> None:
+        if self.lora_settings is not None and self.adapter_dir and self.trainer.is_global_zero:
+            self.save_adapter()
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -143,9 +205,10 @@ class BiFlowNetModule(L.LightningModule):
         """One EMA step: ema <- d * ema + (1 - d) * model, with d warmed up from 0.1."""
         n = int(self.ema_updates)
         decay = min(self.ema_decay, (1 + n) / (10 + n))
-        ema_p = [p for p in self.ema_model.parameters()]
-        src_p = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)
+        # frozen weights (the LoRA base) are equal in both copies and need no averaging
+        pairs = [(e, p.detach()) for e, p in zip(self.ema_model.parameters(), self.model.parameters()) if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
         for eb, b in zip(self.ema_model.buffers(), self.model.buffers()):
             eb.copy_(b)
         self.ema_updates += 1
@@ -178,7 +241,7 @@ class BiFlowNetModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("BiFlowNetModule needs an optimizer factory (config group `optimizer`)")
-        opt = self.optimizer_factory(self.model.parameters())
+        opt = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
         if self.lr_warmup_steps <= 0:
             return opt
         warm = self.lr_warmup_steps
@@ -187,6 +250,16 @@ class BiFlowNetModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["biflownet_format"] = 1  # lets load_biflownet tell our checkpoints from others
+        if self.lora_settings is not None:
+            checkpoint["lora_base_fingerprint"] = self.base_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to resume a LoRA run on top of a base checkpoint that has changed since it started."""
+        saved = checkpoint.get("lora_base_fingerprint")
+        if self.lora_settings is not None and saved is not None:
+            if saved != self.base_fingerprint:
+                raise ValueError(f"init_from={self.init_from}: its weights differ from the base this LoRA run "
+                                 "started on; resume with the original base checkpoint")
 
 
 def count_parameters(module: nn.Module) -> int:

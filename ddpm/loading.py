@@ -37,21 +37,30 @@ class LoadedBiFlowNet:
 
 
 def load_biflownet(
-    ckpt_path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = True
+    ckpt_path: str | Path,
+    map_location: str | torch.device = "cpu",
+    use_ema: bool = True,
+    adapter: str | Path | None = None,
+    merge_adapter: bool = True,
 ) -> LoadedBiFlowNet:
     """Load a checkpoint written by ``train.train_BiFlowNet`` (``torch.load(weights_only=True)``).
+
+    A checkpoint of a LoRA fine-tuning run holds base and adapter weights; it loads as the adapted
+    network with the adapters merged.
 
     Args:
         ckpt_path: Lightning ``.ckpt`` file.
         map_location: device for the tensors.
         use_ema: load the EMA weights (default) or the raw training weights.
+        adapter: LoRA adapter folder (``ddpm.lora.save_adapter``) to apply to these base weights.
+        merge_adapter: fold the adapter into the weights (faster sampling) or keep adapter layers.
 
     Returns:
         :class:`LoadedBiFlowNet`.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a BiFlowNet checkpoint.
+        ValueError: the file is not a BiFlowNet checkpoint, or the adapter does not fit it.
     """
     path = Path(ckpt_path)
     if not path.is_file():
@@ -65,8 +74,22 @@ def load_biflownet(
     if not state:
         raise ValueError(f"{path}: no '{prefix}*' weights in the checkpoint")
     model = BiFlowNet(**hp["network"])
-    model.load_state_dict(state)
+    if hp.get("lora"):
+        from ddpm.lora import LoraSettings, apply_lora
+
+        if adapter is not None:
+            raise ValueError(f"{path} is a LoRA fine-tuning checkpoint (adapters included); apply --adapter to "
+                             f"its base {hp.get('init_from')} instead")
+        wrapped = apply_lora(model, LoraSettings.from_dict(hp["lora"]))
+        wrapped.load_state_dict(state)
+        model = wrapped.merge_and_unload()
+    else:
+        model.load_state_dict(state)
     model.to(map_location).eval().requires_grad_(False)
+    if adapter is not None:
+        from ddpm.lora import load_adapter
+
+        model = load_adapter(model, adapter, network=hp["network"], merge=merge_adapter)
     sd = ckpt["state_dict"]
     xr = model.xray_encoder
     conditioning = {
@@ -78,6 +101,7 @@ def load_biflownet(
         "latent_channels": model.in_channels,
         "p_uncond": hp.get("p_uncond"),
         "step": int(ckpt.get("global_step", 0)),
+        "adapter": str(adapter) if adapter is not None else None,
     }
     return LoadedBiFlowNet(
         model=model,
@@ -89,4 +113,21 @@ def load_biflownet(
     )
 
 
-__all__ = ["LoadedBiFlowNet", "load_biflownet"]
+def read_network_config(ckpt_path: str | Path) -> dict:
+    """BiFlowNet keyword arguments stored in a checkpoint (memory-mapped read, weights untouched).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a BiFlowNet checkpoint.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: BiFlowNet checkpoint not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(hp, dict) or not isinstance(hp.get("network"), dict):
+        raise ValueError(f"{path}: not a BiFlowNet checkpoint (no network hyper-parameters)")
+    return dict(hp["network"])
+
+
+__all__ = ["LoadedBiFlowNet", "load_biflownet", "read_network_config"]

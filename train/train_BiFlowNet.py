@@ -1,6 +1,7 @@
 """Train BiFlowNet on precomputed latents (thin entry point; the work is in `ddpm`).
 
     python -m train.train_BiFlowNet experiment=biflownet_tiny
+    python -m train.train_BiFlowNet experiment=biflownet_lora init_from=base.ckpt paths.data_dir=/new/site
     torchrun --nproc_per_node=8 -m train.train_BiFlowNet experiment=biflownet_base
     torchrun --nproc_per_node=2 -m train.train_BiFlowNet experiment=biflownet_tiny trainer=ddp_cpu
 """
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, open_dict
 
 from ddpm.biflownet_module import NonFiniteLossError
+from ddpm.loading import read_network_config
 from ddpm.preflight import check_training_inputs, read_latent_stats
 
 
@@ -46,13 +49,30 @@ def run(cfg: DictConfig) -> dict:
     world = world_size(cfg.trainer)
     if cfg.global_batch_size % world:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by the world size {world}")
+    if cfg.get("init_from"):
+        # fine-tuning: the base checkpoint defines the architecture; only runtime settings come from the config
+        base_net = read_network_config(cfg.init_from)
+        base_net["grad_checkpointing"] = bool(cfg.network.get("grad_checkpointing", False))
+        with open_dict(cfg):
+            cfg.network = base_net
     net = cfg.network
     xray_size = net.xray.image_size if net.get("xray") else None
     check_training_inputs(cfg.data.manifest, net.in_channels, net.latent_shape, xray_size)
     stats = read_latent_stats(cfg.latent_stats) if cfg.latent_stats else None
 
     datamodule = hydra.utils.instantiate(cfg.data, batch_size=cfg.global_batch_size // world, _convert_="all")
-    module = hydra.utils.instantiate(cfg.module, latent_stats=stats, _convert_="all")
+    try:
+        module = hydra.utils.instantiate(cfg.module, latent_stats=stats, _convert_="all")
+    except InstantiationException as e:
+        # bad settings (e.g. a LoRA pattern that matches nothing, a missing init_from) are input errors
+        if isinstance(e.__cause__, (ValueError, FileNotFoundError)):
+            raise e.__cause__ from None
+        raise
+    trainable, total = module.trainable_counts()
+    if module.lora_settings is not None:
+        from ddpm.lora import describe_counts
+
+        print(describe_counts(trainable, total), flush=True)
     callbacks = [hydra.utils.instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
@@ -63,6 +83,9 @@ def run(cfg: DictConfig) -> dict:
         "checkpoint_dir": str(checkpoint_dir),
         "last_checkpoint": str(checkpoint_dir / "last.ckpt"),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "adapter_dir": module.adapter_dir if module.lora_settings is not None else None,
     }
 
 
