@@ -1,10 +1,11 @@
-"""Patch-volume autoencoder: patch-wise encoding, vector quantisation, volume-wise decoding, its losses and
-training module. Public names are re-exported here (``from AutoEncoder import PatchVolumeAutoencoder``)."""
+"""Patch-volume autoencoder: patch-wise encoding, a VQ or KL (Gaussian) bottleneck, volume-wise decoding, its
+losses and training module. Public names are re-exported here (``from AutoEncoder import PatchVolumeAutoencoder``)."""
 
 from AutoEncoder.adversarial import adaptive_weight, build_discriminator, hinge_d_loss, hinge_g_loss
-from AutoEncoder.checkpoint import load_autoencoder, read_checkpoint
+from AutoEncoder.checkpoint import load_autoencoder, read_checkpoint, store_latent_stats
 from AutoEncoder.decoder import Decoder
 from AutoEncoder.encoder import Encoder
+from AutoEncoder.gaussian_bottleneck import GaussianBottleneck, GaussianOutput
 from AutoEncoder.patch_volume_autoencoder import AutoencoderOutput, PatchVolumeAutoencoder
 from AutoEncoder.medicalnet import MedicalNetFeatures, load_medicalnet
 from AutoEncoder.patch_volume_module import PatchVolumeModule
@@ -14,6 +15,8 @@ from AutoEncoder.vector_quantizer import QuantizerOutput, VectorQuantizer
 
 __all__ = [
     "AutoencoderOutput",
+    "GaussianBottleneck",
+    "GaussianOutput",
     "MedicalNetFeatures",
     "PatchVolumeModule",
     "PerceptualLoss",
@@ -24,6 +27,7 @@ __all__ = [
     "load_autoencoder",
     "load_medicalnet",
     "read_checkpoint",
+    "store_latent_stats",
     "Decoder",
     "Encoder",
     "PatchVolumeAutoencoder",

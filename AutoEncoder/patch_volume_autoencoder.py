@@ -1,4 +1,4 @@
-"""The patch-volume autoencoder: patch-wise encoding, optional VQ, volume-wise (or sliding) decoding."""
+"""The patch-volume autoencoder: patch-wise encoding, a VQ / KL / no bottleneck, volume-wise (or sliding) decoding."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from torch import nn
 
 from AutoEncoder.decoder import Decoder
 from AutoEncoder.encoder import Encoder
+from AutoEncoder.gaussian_bottleneck import GaussianBottleneck
 from AutoEncoder.patching import merge_patches, sliding_decode, split_patches
 from AutoEncoder.vector_quantizer import VectorQuantizer
+
+BOTTLENECKS = ("vq", "kl", "none")
 
 
 class AutoencoderOutput(NamedTuple):
@@ -19,10 +22,12 @@ class AutoencoderOutput(NamedTuple):
 
     Attributes:
         reconstruction: ``(B, C, D, H, W)``, about [-1, 1].
-        latent: ``(B, latent_channels, D/f, H/f, W/f)`` latent that was decoded (quantised in VQ mode).
-        commitment_loss: scalar (0 in continuous mode).
-        perplexity: scalar code perplexity of the batch (0 in continuous mode).
-        usage: scalar fraction of codes used in the batch (0 in continuous mode).
+        latent: ``(B, latent_channels, D/f, H/f, W/f)`` latent that was decoded (quantised in VQ mode, a posterior
+            sample in KL mode while training, the posterior mean in KL eval mode).
+        commitment_loss: scalar (0 unless VQ).
+        perplexity: scalar code perplexity of the batch (0 unless VQ).
+        usage: scalar fraction of codes used in the batch (0 unless VQ).
+        kl_loss: scalar KL divergence of the Gaussian posterior from N(0, I) (0 unless KL).
     """
 
     reconstruction: torch.Tensor
@@ -30,6 +35,7 @@ class AutoencoderOutput(NamedTuple):
     commitment_loss: torch.Tensor
     perplexity: torch.Tensor
     usage: torch.Tensor
+    kl_loss: torch.Tensor
 
 
 class PatchVolumeAutoencoder(nn.Module):
@@ -43,7 +49,7 @@ class PatchVolumeAutoencoder(nn.Module):
         in_channels: image channels (1 for CT).
         channels: encoder feature channels per level; the downsampling factor is ``2 ** (len(channels) - 1)``.
         embedding_dim: latent channels (= code dimension).
-        n_codes: codebook size; 0 gives a continuous latent (no quantisation).
+        n_codes: codebook size for ``bottleneck="vq"``; must be 0 otherwise.
         num_res_blocks: residual blocks per encoder level.
         attention_heads: bottleneck attention heads (0 disables attention).
         num_groups: GroupNorm group bound.
@@ -54,6 +60,9 @@ class PatchVolumeAutoencoder(nn.Module):
         decode_overlap: overlap fraction of neighbouring decode windows (cross-faded).
         decode_halo: latent voxels of context decoded and discarded around each window.
         codebook: extra :class:`VectorQuantizer` arguments (``beta``, ``decay``, ``eps``, ``dead_threshold``).
+        bottleneck: ``"vq"`` (codebook), ``"kl"`` (diagonal Gaussian: the encoder emits mean and log-variance,
+            see :class:`GaussianBottleneck`) or ``"none"`` (plain continuous latent); None picks ``"vq"`` when
+            ``n_codes > 0`` else ``"none"`` (older checkpoints carry no ``bottleneck`` entry).
     """
 
     def __init__(
@@ -72,8 +81,16 @@ class PatchVolumeAutoencoder(nn.Module):
         decode_overlap: float = 0.5,
         decode_halo: int = 4,
         codebook: dict[str, Any] | None = None,
+        bottleneck: str | None = None,
     ):
         super().__init__()
+        bottleneck = bottleneck if bottleneck is not None else ("vq" if n_codes > 0 else "none")
+        if bottleneck not in BOTTLENECKS:
+            raise ValueError(f"bottleneck={bottleneck!r}; expected one of {BOTTLENECKS}")
+        if bottleneck == "vq" and n_codes < 1:
+            raise ValueError(f"bottleneck='vq' needs a codebook: n_codes must be >= 1, got {n_codes}")
+        if bottleneck != "vq" and n_codes != 0:
+            raise ValueError(f"bottleneck={bottleneck!r} uses no codebook: set n_codes to 0 (got {n_codes})")
         factor = 2 ** (len(channels) - 1)
         if downsample is not None:
             wanted = {int(downsample)} if isinstance(downsample, int) else {int(v) for v in downsample}
@@ -92,7 +109,7 @@ class PatchVolumeAutoencoder(nn.Module):
             "num_groups": num_groups, "downsample": factor, "patch_size": patch_size,
             "encode_chunk_size": encode_chunk_size, "decode_window": decode_window,
             "decode_overlap": decode_overlap, "decode_halo": decode_halo,
-            "codebook": dict(codebook or {}),
+            "codebook": dict(codebook or {}), "bottleneck": bottleneck,
         }
         self._factor = factor
         self.patch_size = patch_size
@@ -100,9 +117,11 @@ class PatchVolumeAutoencoder(nn.Module):
         self.decode_window = decode_window
         self.decode_overlap = decode_overlap
         self.decode_halo = decode_halo
-        self.encoder = Encoder(in_channels, channels, embedding_dim, num_res_blocks, attention_heads, num_groups)
+        moments = 2 * embedding_dim if bottleneck == "kl" else embedding_dim  # KL: mean and log-variance
+        self.encoder = Encoder(in_channels, channels, moments, num_res_blocks, attention_heads, num_groups)
         self.decoder = Decoder(in_channels, channels, embedding_dim, num_res_blocks, attention_heads, num_groups)
-        self.quantizer = VectorQuantizer(n_codes, embedding_dim, **(codebook or {})) if n_codes > 0 else None
+        self.quantizer = VectorQuantizer(n_codes, embedding_dim, **(codebook or {})) if bottleneck == "vq" else None
+        self.gaussian = GaussianBottleneck(embedding_dim) if bottleneck == "kl" else None
         self.register_buffer("latent_mean", torch.zeros(embedding_dim))
         self.register_buffer("latent_std", torch.ones(embedding_dim))
         self.encoder_frozen = False
@@ -119,13 +138,19 @@ class PatchVolumeAutoencoder(nn.Module):
         return self.config["embedding_dim"]
 
     @property
+    def bottleneck(self) -> str:
+        """``"vq"``, ``"kl"`` or ``"none"``."""
+        return self.config["bottleneck"]
+
+    @property
     def is_quantized(self) -> bool:
         """True in VQ mode, False in continuous mode."""
         return self.quantizer is not None
 
     # ------------------------------------------------------------------------------------------- encoding
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch-wise encoding of a volume into the continuous (pre-quantisation) latent.
+        """Patch-wise encoding of a volume into the continuous latent (pre-quantisation in VQ mode, the posterior
+        mean in KL mode, so encoding is deterministic).
 
         Args:
             x: ``(B, C, D, H, W)`` in [-1, 1]; each axis a multiple of ``min(patch_size, size)`` and of the
@@ -134,6 +159,11 @@ class PatchVolumeAutoencoder(nn.Module):
         Returns:
             ``(B, latent_channels, D/f, H/f, W/f)``.
         """
+        z = self._encode_patches(x)
+        return z if self.gaussian is None else self.gaussian.split(z)[0].to(z.dtype)
+
+    def _encode_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw encoder output of ``x``, patch by patch: ``(B, latent_channels, ...)`` or ``2 *`` that for KL."""
         if x.ndim != 5:
             raise ValueError(f"expected a (B, C, D, H, W) volume, got shape {tuple(x.shape)}")
         for s in x.shape[2:]:
@@ -168,14 +198,19 @@ class PatchVolumeAutoencoder(nn.Module):
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> AutoencoderOutput:
-        """Encode, quantise and decode ``(B, C, D, H, W)``; see :class:`AutoencoderOutput`."""
-        z = self.encode(x)
-        if self.quantizer is None:
-            zero = z.new_zeros(())
+        """Encode, pass the bottleneck and decode ``(B, C, D, H, W)``; see :class:`AutoencoderOutput`."""
+        z = self._encode_patches(x)
+        zero = z.new_zeros((), dtype=torch.float32)
+        kl = zero
+        if self.gaussian is not None:
+            posterior = self.gaussian(z)  # a sample while training, the mean in eval
+            zq, kl = posterior.latent.to(z.dtype), posterior.kl_loss
+            commit, perplexity, usage = zero, zero, zero
+        elif self.quantizer is None:
             zq, commit, perplexity, usage = z, zero, zero, zero
         else:
             zq, commit, _, perplexity, usage = self.quantizer(z)
-        return AutoencoderOutput(self.decode(zq, quantize=False), zq, commit, perplexity, usage)
+        return AutoencoderOutput(self.decode(zq, quantize=False), zq, commit, perplexity, usage, kl)
 
     # ------------------------------------------------------------------------------ latent normalisation
     def set_latent_stats(self, mean: float | Sequence[float] | torch.Tensor, std: float | Sequence[float] | torch.Tensor) -> None:

@@ -21,6 +21,7 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_LOSS: dict[str, Any] = {
     "l1_weight": 1.0,
     "commitment_weight": 1.0,
+    "kl_weight": 1.0e-6,
     "perceptual_weight": 1.0,
     "perceptual": {"weights_path": None, "mode": "3d"},
     "gan_weight": 1.0,
@@ -60,12 +61,14 @@ def load_stage1_weights(autoencoder: PatchVolumeAutoencoder, path: str) -> None:
 
 
 class PatchVolumeModule(L.LightningModule):
-    """Trains :class:`PatchVolumeAutoencoder` with L1 + perceptual + commitment + hinge-GAN losses.
+    """Trains :class:`PatchVolumeAutoencoder` with L1 + perceptual + commitment (VQ) or KL (KL) + hinge-GAN losses.
 
-    Manual optimisation: each ``training_step`` steps the generator (autoencoder) and, once
-    ``discriminator_iter_start`` iterations have passed, the discriminator. Note that Lightning's
-    ``global_step`` (and so ``max_steps``) counts every optimiser step, G and D alike; the GAN start is measured
-    in iterations (the ``iteration`` buffer, saved with the checkpoint).
+    Manual optimisation: each ``training_step`` computes the generator (autoencoder) loss and, once
+    ``discriminator_iter_start`` iterations have passed, the discriminator loss; gradients of
+    ``accumulate_grad_batches`` consecutive batches are summed (each loss divided by that number) before both
+    optimisers step and clip. Note that Lightning's ``global_step`` (and so ``max_steps``) counts every optimiser
+    step, G and D alike; the GAN start is measured in iterations (batches; the ``iteration`` buffer, saved with the
+    checkpoint) and only changes at the start of an accumulation window.
 
     Args:
         autoencoder: :class:`PatchVolumeAutoencoder` keyword arguments (a plain dict; saved, so checkpoints
@@ -74,7 +77,10 @@ class PatchVolumeModule(L.LightningModule):
         optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_``) used for G and D; default Adam.
         stage: 1 (train everything on patches) or 2 (encoder and codebook frozen, decoder fine-tuned).
         stage1_checkpoint: stage-1 checkpoint to start stage 2 from (required when ``stage == 2``).
-        grad_clip: max gradient norm for G and D (0 disables clipping).
+        grad_clip: gradient clipping bound for G and D (0 disables clipping): max total norm or max absolute value.
+        grad_clip_algorithm: ``"norm"`` (``clip_grad_norm_``) or ``"value"`` (``clip_grad_value_``).
+        accumulate_grad_batches: batches whose gradients are accumulated per optimiser step (>= 1). Set this
+            instead of ``trainer.accumulate_grad_batches``, which Lightning ignores under manual optimisation.
         log_images: log MPR images of the first validation reconstruction to TensorBoard (rank zero).
         dataset_info: plain dict describing the data (intensity window, spacing), stored in the checkpoint.
         perceptual_network: a prebuilt feature network (tests); otherwise weights come from ``loss.perceptual``.
@@ -88,6 +94,8 @@ class PatchVolumeModule(L.LightningModule):
         stage: int = 1,
         stage1_checkpoint: str | None = None,
         grad_clip: float = 1.0,
+        grad_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
         log_images: bool = True,
         dataset_info: dict[str, Any] | None = None,
         perceptual_network: nn.Module | None = None,
@@ -97,12 +105,18 @@ class PatchVolumeModule(L.LightningModule):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         if stage == 2 and not stage1_checkpoint:
             raise ValueError("stage 2 needs stage1_checkpoint: the path of a stage-1 checkpoint (.ckpt)")
+        if grad_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"grad_clip_algorithm={grad_clip_algorithm!r}; expected 'norm' or 'value'")
+        if int(accumulate_grad_batches) < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         merged = {**DEFAULT_LOSS, **(loss or {})}
         merged["perceptual"] = {**DEFAULT_LOSS["perceptual"], **(merged.get("perceptual") or {})}
         merged["discriminator"] = {**DEFAULT_LOSS["discriminator"], **(merged.get("discriminator") or {})}
         self.save_hyperparameters(
             {"autoencoder": dict(autoencoder), "loss": merged, "stage": stage, "stage1_checkpoint": stage1_checkpoint,
-             "grad_clip": grad_clip, "log_images": log_images, "dataset_info": dataset_info}
+             "grad_clip": grad_clip, "grad_clip_algorithm": grad_clip_algorithm,
+             "accumulate_grad_batches": int(accumulate_grad_batches), "log_images": log_images,
+             "dataset_info": dataset_info}
         )
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
@@ -129,6 +143,16 @@ class PatchVolumeModule(L.LightningModule):
         """Put this module's perceptual weights back so strict loading still checks everything else."""
         checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith("perceptual.")})
 
+    def setup(self, stage: str) -> None:
+        """Reject strategies this module cannot train under (before any weight is wrapped or moved)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "trainer=fsdp is not supported for the autoencoder: its manual G/D steps clip by norm and take "
+                "gradients of the decoder's last layer, which FSDP shards; use trainer=ddp (FSDP is for train_BiFlowNet)"
+            )
+
     # ------------------------------------------------------------------------------------------ optimisers
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Adam-like optimiser for the trainable autoencoder parameters, and one for the discriminator."""
@@ -138,18 +162,28 @@ class PatchVolumeModule(L.LightningModule):
             opts.append(make(self.discriminator.parameters()))
         return opts
 
-    def _gan_active(self) -> bool:
-        return self.discriminator is not None and int(self.iteration) >= self.loss_cfg["discriminator_iter_start"]
+    def _gan_active(self, iteration: int) -> bool:
+        return self.discriminator is not None and iteration >= self.loss_cfg["discriminator_iter_start"]
 
     # ------------------------------------------------------------------------------------------- training
+    def _clip(self, optimizer: Any) -> None:
+        if self.hparams.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip,
+                                gradient_clip_algorithm=self.hparams.grad_clip_algorithm)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """One generator step and (once the GAN has started) one discriminator step on ``batch["ct"]``."""
+        """Generator and (once the GAN has started) discriminator losses on ``batch["ct"]``; both optimisers step
+        after every ``accumulate_grad_batches`` batches."""
         x = batch["ct"]
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         opt_g = opts[0]
         cfg = self.loss_cfg
-        gan = self._gan_active()
+        accumulate = self.hparams.accumulate_grad_batches
+        position = int(self.iteration) % accumulate
+        first, last = position == 0, position == accumulate - 1
+        # the GAN switches on only at a window start, so a window never steps D on part of its batches
+        gan = self._gan_active(int(self.iteration) - position)
 
         self.toggle_optimizer(opt_g)
         out = self.autoencoder(x)
@@ -161,7 +195,7 @@ class PatchVolumeModule(L.LightningModule):
             perc = self.perceptual(rec, x)
             nll = nll + cfg["perceptual_weight"] * perc
             logs["train/perceptual"] = perc.detach()
-        loss_g = nll + cfg["commitment_weight"] * out.commitment_loss
+        loss_g = nll + cfg["commitment_weight"] * out.commitment_loss + cfg["kl_weight"] * out.kl_loss
         if gan:
             g_adv = hinge_g_loss(self.discriminator(rec)[-1])
             weight = torch.ones((), device=x.device)
@@ -169,22 +203,24 @@ class PatchVolumeModule(L.LightningModule):
                 weight = adaptive_weight(nll, g_adv, self.autoencoder.decoder.last_layer)
             loss_g = loss_g + cfg["gan_weight"] * weight * g_adv
             logs.update({"train/g_adv": g_adv.detach(), "train/adaptive_weight": weight})
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
-        if self.hparams.grad_clip > 0:
-            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        opt_g.step()
+        if first:
+            opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g / accumulate)
+        if last:
+            self._clip(opt_g)
+            opt_g.step()
         self.untoggle_optimizer(opt_g)
 
         if gan:
             opt_d = opts[1]
             self.toggle_optimizer(opt_d)
             loss_d = hinge_d_loss(self.discriminator(x)[-1], self.discriminator(rec.detach())[-1])
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(loss_d)
-            if self.hparams.grad_clip > 0:
-                self.clip_gradients(opt_d, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            opt_d.step()
+            if first:
+                opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(loss_d / accumulate)
+            if last:
+                self._clip(opt_d)
+                opt_d.step()
             self.untoggle_optimizer(opt_d)
             logs["train/d_loss"] = loss_d.detach()
 
@@ -193,6 +229,8 @@ class PatchVolumeModule(L.LightningModule):
             "train/loss_g": loss_g.detach(), "train/commitment": out.commitment_loss.detach(),
             "train/perplexity": out.perplexity.detach(), "train/codebook_usage": out.usage.detach(),
         })
+        if self.autoencoder.bottleneck == "kl":
+            logs["train/kl"] = out.kl_loss.detach()
         self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
         self.log("train/rec_l1", l1.detach(), prog_bar=True, batch_size=x.shape[0])
         return loss_g.detach()

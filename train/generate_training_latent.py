@@ -6,8 +6,12 @@
 Writes ``<out-dir>/<subject_id>.pt`` (float32 ``(C, d, h, w)``, the continuous pre-quantisation latent of
 ``load_autoencoder(ckpt).encode``; decode generated latents with ``decode(z, quantize=True)``), adds a
 ``latent`` column (paths relative to the CSV) to the manifest, and writes ``latent_stats.json`` next to it
-(per-channel ``mean``/``std`` over the train split). Subjects are sharded across torchrun ranks; existing
-latents of the right shape are kept (resumable); every file is written atomically.
+(per-channel ``mean``/``std`` over the train split, and ``scale_factor`` = 1 / the std over all channels, the
+latent-diffusion convention, for reference). The same per-channel statistics are written into the autoencoder
+checkpoint's ``latent_mean``/``latent_std`` buffers (``AutoEncoder.store_latent_stats``; skip with
+``--no-store-stats``), so ``load_autoencoder(ckpt).normalize_latent`` / ``denormalize_latent`` use them.
+Subjects are sharded across torchrun ranks; existing latents of the right shape are kept (resumable); every file
+is written atomically.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.distributed as dist
 import torchio as tio
 from tqdm import tqdm
 
-from AutoEncoder import PatchVolumeAutoencoder, load_autoencoder
+from AutoEncoder import PatchVolumeAutoencoder, load_autoencoder, store_latent_stats
 from dataset import DatasetInfo, Manifest, atomic_save_torch, atomic_write_json
 from dataset.ct_datamodule import CTCollate
 from dataset.dataset_info import window_for
@@ -66,6 +70,7 @@ def generate(
     chunk_size: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    store_stats: bool = True,
 ) -> dict:
     """Encode all subjects (this rank's shard under torchrun) and, on rank 0, write the manifest and statistics.
 
@@ -76,6 +81,7 @@ def generate(
         chunk_size: patches per encoder call (default: the checkpoint's ``encode_chunk_size``).
         device: torch device for encoding.
         progress: show a progress bar on rank 0.
+        store_stats: also write the statistics into ``ae_ckpt`` (rank 0; see ``AutoEncoder.store_latent_stats``).
 
     Returns:
         ``{"encoded": n, "skipped": n, "stats": {...}, "manifest": path}`` (counts of this rank).
@@ -127,10 +133,11 @@ def generate(
         raise ValueError(f"{manifest.path}: no subjects in split 'train' to compute latent statistics from")
     mean = acc[1] / acc[0]
     std = (acc[2] / acc[0] - mean.pow(2)).clamp_min(1e-12).sqrt()
+    mean_all = float(acc[1].sum() / acc[0].sum())
+    std_all = float((acc[2].sum() / acc[0].sum() - mean_all**2) ** 0.5)
     stats = {
-        "mean": mean.tolist(), "std": std.tolist(),
-        "mean_all": float(acc[1].sum() / acc[0].sum()),
-        "std_all": float((acc[2].sum() / acc[0].sum() - (acc[1].sum() / acc[0].sum()) ** 2) ** 0.5),
+        "mean": mean.tolist(), "std": std.tolist(), "mean_all": mean_all, "std_all": std_all,
+        "scale_factor": 1.0 / max(std_all, 1e-6),  # latent diffusion's single scale (z * scale_factor)
         "count": int(acc[0, 0]), "split": "train", "ae_checkpoint": str(Path(ae_ckpt).resolve()),
         "downsample_factor": model.downsample_factor, "latent_channels": c,
     }
@@ -139,6 +146,9 @@ def generate(
         frame["latent"] = [str((out / f"{sid}.pt").resolve()) for sid in frame["subject_id"]]
         Manifest.write(frame, manifest.path)
         atomic_write_json(manifest.path.parent / "latent_stats.json", stats)
+        if store_stats:
+            store_latent_stats(ae_ckpt, stats["mean"], stats["std"],
+                               {"manifest": str(manifest.path.resolve()), "split": "train", "count": stats["count"]})
     if world > 1:
         dist.barrier()
     return {"encoded": encoded, "skipped": skipped, "stats": stats, "manifest": str(manifest.path)}
@@ -153,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=None, help="patches per encoder call (memory bound)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-store-stats", action="store_true",
+                   help="leave the autoencoder checkpoint untouched (statistics only in latent_stats.json)")
     args = p.parse_args(argv)
     try:
         if args.device.startswith("cuda") and "LOCAL_RANK" in os.environ:
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        result = generate(args.manifest, args.ae_ckpt, args.out_dir, args.chunk_size, args.device, not args.no_progress)
+        result = generate(args.manifest, args.ae_ckpt, args.out_dir, args.chunk_size, args.device, not args.no_progress,
+                          store_stats=not args.no_store_stats)
     except (ValueError, FileNotFoundError) as e:
         print(f"generate_training_latent: error: {e}", file=sys.stderr)
         return 2
