@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -67,12 +68,17 @@ class CTDataModule(L.LightningDataModule):
         num_workers: workers loading subjects (inside the queue for patches).
         val_batch_size: batch size for val / test volumes.
         hu_min, hu_max: HU window; default from ``dataset.json`` next to the manifest.
+        cache_rate: fraction (0-1) of each split's subjects loaded once in :meth:`setup` and kept in memory
+            (as MONAI's ``CacheDataset``: the first ``int(n * cache_rate)``), so their files are read only once;
+            workers share them. Each process holds its own cache (under DDP every rank caches every subject).
     """
 
     def __init__(self, manifest: str | os.PathLike, patch_size: int | None = 32, samples_per_volume: int = 4,
                  queue_length: int = 32, batch_size: int = 2, num_workers: int = 0, val_batch_size: int = 1,
-                 hu_min: float | None = None, hu_max: float | None = None) -> None:
+                 hu_min: float | None = None, hu_max: float | None = None, cache_rate: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= cache_rate <= 1.0:
+            raise ValueError(f"cache_rate={cache_rate}; expected a fraction in [0, 1]")
         if patch_size is not None and patch_size < 1:
             raise ValueError(f"patch_size={patch_size}; expected a positive int or None")
         if min(samples_per_volume, queue_length, batch_size, val_batch_size) < 1 or num_workers < 0:
@@ -84,7 +90,9 @@ class CTDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.val_batch_size = batch_size, num_workers, val_batch_size
         self.window = window_for(self.manifest_path, hu_min, hu_max)
         self.collate = CTCollate(self.window)
+        self.cache_rate = float(cache_rate)
         self.datasets: dict[str, tio.SubjectsDataset] = {}
+        self._cache: dict[str, tio.Subject] = {}  # CT path -> loaded, reoriented subject (kept across setup calls)
 
     def setup(self, stage: str | None = None) -> None:
         """Read and validate the manifest and build one subjects dataset per split."""
@@ -92,14 +100,24 @@ class CTDataModule(L.LightningDataModule):
         transform = tio.ToOrientation(ORIENTATION)
         self.datasets = {
             split: tio.SubjectsDataset(
-                [tio.Subject(ct=tio.ScalarImage(p), subject_id=s) for s, p in zip(rows["subject_id"], rows["ct"])],
-                transform=transform,
+                self._cached([tio.Subject(ct=tio.ScalarImage(p), subject_id=s)
+                              for s, p in zip(rows["subject_id"], rows["ct"])], transform),
+                transform=transform,  # a no-op on cached subjects, which are already reoriented
             )
             for split in ("train", "val", "test")
             for rows in [manifest.split(split)]
         }
         if len(self.datasets["train"]) == 0:
             raise ValueError(f"{self.manifest_path}: no subjects in split 'train'")
+
+    def _cached(self, subjects: list[tio.Subject], transform: tio.Transform) -> list[tio.Subject]:
+        """Replace the first ``int(len * cache_rate)`` subjects by loaded, reoriented copies (each file read once)."""
+        n = int(len(subjects) * self.cache_rate)
+        missing = [s for s in subjects[:n] if str(s["ct"].path) not in self._cache]
+        with ThreadPoolExecutor(max(1, self.num_workers)) as pool:  # file I/O and gzip inflation release the GIL
+            for s, loaded in zip(missing, pool.map(transform, missing)):
+                self._cache[str(s["ct"].path)] = loaded
+        return [self._cache[str(s["ct"].path)] for s in subjects[:n]] + subjects[n:]
 
     def _volumes(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if not self.datasets:

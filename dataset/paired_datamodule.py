@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+from monai.data import CacheDataset
+from monai.transforms import Compose, Lambda
+from torch.utils.data import DataLoader, Dataset
 
 from dataset.dataset_info import window_for
 from dataset.manifest import Manifest
@@ -29,27 +31,43 @@ class PairedDataModule(L.LightningDataModule):
         hu_min, hu_max: HU window; default from ``dataset.json`` next to the manifest.
         pin_memory: passed to the DataLoaders.
         drop_last: drop the last incomplete training batch.
+        cache_rate: fraction (0-1) of each split's items read once in :meth:`setup` and kept in memory
+            (MONAI ``CacheDataset``: the first ``int(n * cache_rate)``); workers share them. Each process holds its
+            own cache. Cached datasets are built once; later ``setup`` calls keep them.
     """
 
     def __init__(self, manifest: str | os.PathLike, batch_size: int = 2, num_workers: int = 0,
                  load: Sequence[str] = ("ap", "lat", "latent"), hu_min: float | None = None,
-                 hu_max: float | None = None, pin_memory: bool = False, drop_last: bool = False) -> None:
+                 hu_max: float | None = None, pin_memory: bool = False, drop_last: bool = False,
+                 cache_rate: float = 0.0) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size={batch_size}, num_workers={num_workers}; expected >= 1 and >= 0")
+        if not 0.0 <= cache_rate <= 1.0:
+            raise ValueError(f"cache_rate={cache_rate}; expected a fraction in [0, 1]")
+        self.cache_rate = float(cache_rate)
         self.manifest_path = Path(manifest)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.load, self.pin_memory, self.drop_last = tuple(load), pin_memory, drop_last
         self.window = window_for(self.manifest_path, hu_min, hu_max)
-        self.datasets: dict[str, PairedDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and validate the manifest, build one dataset per split."""
+        """Read and validate the manifest, build one dataset per split (a :class:`PairedDataset`, wrapped in a
+        ``CacheDataset`` when ``cache_rate > 0``)."""
+        if self.datasets and self.cache_rate > 0:
+            return  # keep the cache: a second fit / validate must not read the files again
         manifest = Manifest.load(self.manifest_path)
         try:
-            self.datasets = {s: PairedDataset(manifest.split(s), self.load, self.window) for s in ("train", "val", "test")}
+            datasets = {s: PairedDataset(manifest.split(s), self.load, self.window) for s in ("train", "val", "test")}
         except ValueError as e:
             raise ValueError(f"{self.manifest_path}: {e}") from e
+        if self.cache_rate > 0:
+            # CacheDataset caches the output of its deterministic transforms; reading one item is that transform
+            datasets = {s: CacheDataset(list(range(len(d))), Compose([Lambda(d.__getitem__)]), cache_rate=self.cache_rate,
+                                        num_workers=max(1, self.num_workers), progress=False)
+                        for s, d in datasets.items()}
+        self.datasets = datasets
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.datasets:
