@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,17 +115,24 @@ def resolve_target_modules(model: nn.Module, patterns: Sequence[str]) -> dict[st
         {module name: signature}, in module order.
 
     Raises:
-        ValueError: a pattern selects no supported layer (Linear, Conv2d, Conv3d).
+        ValueError: the patterns select no supported layer (Linear, Conv2d, Conv3d); a single pattern
+            that selects nothing only warns.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
     chosen: dict[str, list] = {}
+    unused = []
     for p in patterns:
         hits = [n for n in layers if re.fullmatch(p, n)]
         if not hits:
-            raise ValueError(f"lora.target_modules pattern {p!r} matches no Linear/Conv layer of the network "
-                             f"(layer names look like {list(layers)[:4]})")
+            unused.append(p)
         for n in hits:
             chosen[n] = _signature(layers[n])
+    if not chosen:
+        raise ValueError(f"lora.target_modules patterns {list(patterns)} match no Linear/Conv layer of the network "
+                         f"(layer names look like {list(layers)[:4]})")
+    if unused:
+        # a preset may name parts this network lacks (e.g. the X-ray encoder of a class-only model)
+        warnings.warn(f"lora.target_modules patterns {unused} match no layer of this network", stacklevel=2)
     return {n: chosen[n] for n in layers if n in chosen}
 
 

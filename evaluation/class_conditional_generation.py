@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "--model-ckpt", type=Path, required=True, help="BiFlowNet checkpoint (.ckpt)")
     p.add_argument("--autoencoder", "--AE-ckpt", type=Path, default=None,
                    help="autoencoder checkpoint (default: the one recorded in --checkpoint)")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="LoRA adapter folder trained on --checkpoint (merged before sampling)")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--num-volumes", type=int, default=4, help="volumes per label")
     labels = p.add_mutually_exclusive_group()
@@ -58,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.num_volumes < 1:
             raise ValueError(f"--num-volumes {args.num_volumes} must be >= 1")
         gen = CTGenerator.from_checkpoints(args.checkpoint, args.autoencoder, args.device,
-                                           bf16=False if args.fp32 else None)
+                                           bf16=False if args.fp32 else None, adapter=args.adapter)
         if gen.num_classes > 0 and not gen.needs_xrays:
             if args.all_labels:
                 labels: list[int | None] = list(range(gen.num_classes))

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "--model-ckpt", type=Path, required=True, help="BiFlowNet checkpoint (.ckpt)")
     p.add_argument("--autoencoder", "--AE-ckpt", type=Path, default=None,
                    help="autoencoder checkpoint (default: the one recorded in --checkpoint)")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="LoRA adapter folder trained on --checkpoint (merged before sampling)")
     p.add_argument("--ap", type=Path, help="AP X-ray (.pt, .png or 2-D .nii[.gz]) in [0, 1]")
     p.add_argument("--lat", type=Path, help="lateral X-ray, same size as --ap")
     p.add_argument("--output", type=Path, help="output NIfTI (HU) for one pair")
@@ -119,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = _jobs(args)
         check_outputs([p for *_, out in jobs for p in output_paths(out, args.num_samples).values()], args.overwrite)
         gen = CTGenerator.from_checkpoints(args.checkpoint, args.autoencoder, args.device,
-                                           bf16=False if args.fp32 else None)
+                                           bf16=False if args.fp32 else None, adapter=args.adapter)
         # read and check every input before the first (slow) sample
         inputs = []
         for name, ap_path, lat_path, label, out in jobs:

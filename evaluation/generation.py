@@ -52,7 +52,8 @@ class CTGenerator:
 
     @classmethod
     def from_checkpoints(cls, checkpoint: str | os.PathLike, autoencoder: str | os.PathLike | None = None,
-                         device: str | torch.device | None = None, bf16: bool | None = None) -> "CTGenerator":
+                         device: str | torch.device | None = None, bf16: bool | None = None,
+                         adapter: str | os.PathLike | None = None) -> "CTGenerator":
         """Load both networks and check that they belong together.
 
         Args:
@@ -60,13 +61,16 @@ class CTGenerator:
             autoencoder: autoencoder checkpoint; default: the one recorded in the BiFlowNet checkpoint.
             device: default CUDA when available.
             bf16: default True on CUDA.
+            adapter: LoRA adapter folder (``experiment=biflownet_lora``) trained on ``checkpoint``; it is
+                merged into the weights before sampling.
 
         Raises:
-            FileNotFoundError: a checkpoint is missing.
-            ValueError: a checkpoint of the wrong kind, or the two do not fit each other.
+            FileNotFoundError: a checkpoint (or the adapter folder) is missing.
+            ValueError: a checkpoint of the wrong kind, the two do not fit each other, or the adapter
+                does not fit the BiFlowNet.
         """
         device = torch.device(device) if device is not None else default_device()
-        loaded = load_biflownet(checkpoint, map_location=device)
+        loaded = load_biflownet(checkpoint, map_location=device, adapter=adapter)
         if autoencoder is None:
             autoencoder = (loaded.hparams.get("latent_stats") or {}).get("ae_checkpoint")
             if not autoencoder:

@@ -196,8 +196,10 @@ def test_settings_and_targets_are_validated(trained: dict) -> None:
     assert not any(n.startswith(("downs", "ups", "mid")) for n in targets)
     wrapped = apply_lora(net, LoraSettings(rank=2))
     assert set(base_parameters(wrapped)) == set(dict(BiFlowNet(**NETWORK).named_parameters()))
-    with pytest.raises(ValueError, match=r"pattern '.*attention' matches no Linear/Conv layer"):
+    with pytest.raises(ValueError, match=r"patterns \['.*attention'\] match no Linear/Conv layer"):
         resolve_target_modules(BiFlowNet(**NETWORK), [r"dit_in\.\d+\.attention"])
+    with pytest.warns(UserWarning, match=r"patterns \['.*attention'\] match no layer of this network"):
+        assert list(resolve_target_modules(BiFlowNet(**NETWORK), [r"dit_in\.\d+\.attention", "init_conv"])) == ["init_conv"]
     with pytest.raises(ValueError, match="rank=0 must be >= 1"):
         LoraSettings(rank=0)
     with pytest.raises(ValueError, match=r"unknown LoRA setting\(s\) \['r'\]"):

@@ -112,5 +112,5 @@ def test_bad_lora_input_is_rejected(latent_dataset: Path, base_checkpoint: Path,
     with pytest.raises(FileNotFoundError, match="BiFlowNet checkpoint not found"):
         run(_compose(_lora_overrides(latent_dataset, tmp_path, tmp_path / "missing.ckpt", steps=1)))
     overrides = _lora_overrides(latent_dataset, tmp_path, base_checkpoint, steps=1)
-    with pytest.raises(ValueError, match="matches no Linear/Conv layer"):
+    with pytest.raises(ValueError, match=r"patterns \[.unet_typo.\] match no Linear/Conv layer"):
         run(_compose([*overrides, "module.lora.target_modules=[unet_typo]"]))
