@@ -16,7 +16,8 @@ class LoadedBiFlowNet:
     """What generation code needs from a BiFlowNet checkpoint.
 
     Attributes:
-        model: BiFlowNet in eval mode (EMA weights unless asked otherwise).
+        model: BiFlowNet in eval mode (EMA weights unless asked otherwise; a peft ``PeftModel`` around it
+            when loaded with an unmerged adapter).
         diffusion: Diffusion process with the training configuration.
         latent_mean, latent_std: (1, C, 1, 1, 1) statistics; raw latent = normalised * std + mean.
         conditioning: plain dict: num_classes, xray_size (H, W) or None, cross_attention,

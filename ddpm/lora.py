@@ -339,7 +339,8 @@ def load_adapter(
     """Apply a saved adapter to a base BiFlowNet after checking that it fits.
 
     Args:
-        model: plain BiFlowNet with the base weights (EMA weights of the base checkpoint).
+        model: plain BiFlowNet with the base weights (EMA weights of the base checkpoint); peft adds the
+            adapter layers to it in place, so do not keep using it as the base afterwards.
         adapter_dir: folder written by :func:`save_adapter`.
         network: the base's BiFlowNet keyword arguments, to compare with the adapter's.
         merge: fold the adapter into the base weights (plain BiFlowNet back, faster sampling) instead
