@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ __all__ = ["CasePair", "evaluate_pairs", "find_pairs", "main", "write_results"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 STD_SUFFIX = "_std"
+SAMPLE_RE = re.compile(r"(.+)_sample\d+")
 PER_CASE_FILE = "per_case.csv"
 SUMMARY_FILE = "summary.json"
 FIGURE_DIR = "figures"
@@ -117,7 +119,8 @@ def find_pairs(
     """Pair generated volumes with references by subject id.
 
     Args:
-        pred_dir: folder of ``<id>.nii.gz`` predictions (``<id>_std.nii.gz`` = optional uncertainty).
+        pred_dir: folder of ``<id>.nii.gz`` predictions (``<id>_std.nii.gz`` = optional uncertainty;
+            ``<id>_sample<k>.nii.gz`` individual samples beside their mean are ignored).
         ref: folder of ``<id>.nii.gz`` references, or a prepared dataset's ``manifest.csv``.
         split: manifest split to evaluate (default ``"test"``); only valid with a manifest.
         xray_dir: folder with ``<id>/AP.pt`` and ``<id>/LAT.pt``; default the manifest's ``ap`` / ``lat``.
@@ -134,6 +137,8 @@ def find_pairs(
     stds = {sid[: -len(STD_SUFFIX)]: p for sid, p in preds.items() if sid.endswith(STD_SUFFIX)}
     preds = {sid: p for sid, p in preds.items() if not (sid.endswith(STD_SUFFIX) and sid[: -len(STD_SUFFIX)] in preds)}
     stds = {sid: p for sid, p in stds.items() if sid in preds}
+    # individual samples written beside their mean by evaluation.generate_ct (--num-samples K > 1)
+    preds = {sid: p for sid, p in preds.items() if not ((m := SAMPLE_RE.fullmatch(sid)) and m.group(1) in preds)}
     if not preds:
         raise ValueError(f"{pred_dir}: no generated volumes (<subject_id>.nii.gz) found")
 

@@ -190,6 +190,18 @@ def test_find_pairs_takes_std_files_as_uncertainty(tiny_prepared_dataset: Path, 
     assert all(pairs[i].std is None for i in ids[1:])
 
 
+def test_find_pairs_ignores_samples_written_beside_their_mean(tiny_prepared_dataset: Path, tmp_path: Path) -> None:
+    pred = tmp_path / "pred"
+    ids = _write_preds(tiny_prepared_dataset, pred, "train")
+    for k in range(2):
+        shutil.copy(pred / f"{ids[0]}.nii.gz", pred / f"{ids[0]}_sample{k}.nii.gz")
+    pairs = find_pairs(pred, tiny_prepared_dataset, split="train")
+    assert sorted(p.subject_id for p in pairs) == sorted(ids)
+    (pred / f"{ids[0]}.nii.gz").unlink()  # a sample without its mean is not silently taken for it
+    with pytest.raises(ValueError, match=f"no prediction for 1 subjects.*{ids[0]}"):
+        find_pairs(pred, tiny_prepared_dataset, split="train")
+
+
 def test_bad_uncertainty_file_names_the_case(tiny_prepared_dataset: Path, tmp_path: Path, capsys) -> None:
     pred = tmp_path / "pred"
     ids = _write_preds(tiny_prepared_dataset, pred, "test")
