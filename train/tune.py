@@ -20,6 +20,7 @@ Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (rerun to 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 import sys
@@ -310,11 +311,14 @@ def open_storage(url: str, job: TuneJob) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
+            # optuna 4.9 renamed failed_trial_callback; requirements.txt allows older releases too
+            names = inspect.signature(optuna.storages.RDBStorage).parameters
+            stale = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in names else "failed_trial_callback"
             return optuna.storages.RDBStorage(
                 url,
                 heartbeat_interval=job.cfg.heartbeat_interval,
                 grace_period=job.cfg.grace_period,
-                failed_trial_callback=lambda study, trial: requeue(study, trial, job.cfg.max_retry),
+                **{stale: lambda study, trial: requeue(study, trial, job.cfg.max_retry)},
             )
         except Exception as e:  # noqa: BLE001 - sqlalchemy/optuna errors for unreachable or unwritable storages
             raise ValueError(f"storage={parsed.render_as_string(hide_password=True)}: cannot open it ({e})") from e

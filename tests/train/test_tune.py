@@ -3,6 +3,7 @@ trial retried, NaN trials pruned, pruning decisions, the best-parameter experime
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from tests.train.test_loggers import wandb_history
 from tests.train.test_train_BiFlowNet import write_proxy_latents
 from train.tune import TrialReporter, main
 
@@ -100,7 +102,10 @@ def test_interrupted_study_resumes_without_losing_trials(latents: Path, tmp_path
     assert cfg.run_name == "tiny" and cfg.network.latent_shape == [8, 8, 8]  # from biflownet_tiny underneath
 
 
-def test_trial_left_running_by_a_killed_worker_is_retried(latents: Path, tmp_path: Path) -> None:
+def test_trial_left_running_by_a_killed_worker_is_retried(latents: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "wandb_home",
+                       "WANDB_CONFIG_DIR": tmp_path / "wandb_config", "WANDB_CACHE_DIR": tmp_path / "wandb_cache"}.items():
+        monkeypatch.setenv(key, str(value))
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.db", heartbeat_interval=1, grace_period=1)
     study = optuna.create_study(study_name="s", storage=storage)
     killed = study.ask()
@@ -109,10 +114,15 @@ def test_trial_left_running_by_a_killed_worker_is_retried(latents: Path, tmp_pat
     killed.suggest_float("p_uncond", 0.0, 0.3)
     storage.record_heartbeat(killed._trial_id)  # then the worker dies: no more beats, state stays RUNNING
     time.sleep(2.2)
-    assert main(_args(latents, tmp_path, 1, "heartbeat_interval=1", "grace_period=1")) == 0
+    assert main(_args(latents, tmp_path, 2, "heartbeat_interval=1", "grace_period=1", "logger=wandb")) == 0
     trials = _study(tmp_path).get_trials(deepcopy=False)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[1].params == killed.params and trials[1].user_attrs["retry_of"] == 0
+    # each trial is a W&B run of its own, inside its run dir, holding the searched metric
+    run_files = [list((tmp_path / "runs" / f"trial_{n}" / "wandb").glob("offline-run-*/run-*.wandb")) for n in (1, 2)]
+    assert [len(files) for files in run_files] == [1, 1] and run_files[0][0].name != run_files[1][0].name
+    for (run_file,) in run_files:
+        assert any("val/loss" in row for row in wandb_history(run_file))
 
 
 def test_nan_loss_prunes_the_trial(latents: Path, tmp_path: Path) -> None:
@@ -166,7 +176,7 @@ def test_bad_input_exits_2_before_any_trial(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err.strip()
     assert err.startswith("tune: error:") and len(err.splitlines()) == 1
     assert __import__("re").search(match, err), err
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "study.db").exists()  # checked before the study exists
 
 
 def test_storage_under_a_file_is_not_writable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -176,11 +186,25 @@ def test_storage_under_a_file_is_not_writable(tmp_path: Path, capsys: pytest.Cap
     assert f"{tmp_path}/afile/s.db is not writable" in err and "pass storage=sqlite:///" in err
 
 
-def test_cli_unknown_parameter_exit_code(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.tune", *_args(tmp_path, tmp_path, 3, "+search_space.x={path: module.nope, type: float, low: 0, high: 1}")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "unknown parameter path 'module.nope'" in proc.stderr
-    assert not (tmp_path / "study.db").exists()  # checked before the study is even created
+def test_cli_runs_a_trial_and_prints_the_best(latents: Path, tmp_path: Path) -> None:
+    # `python -m train.tune` runs as __main__; its trials must still find their reporter through train.tune
+    proc = subprocess.run([sys.executable, "-m", "train.tune", *_args(latents, tmp_path, 1)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = _study(tmp_path).best_trial
+    assert sorted(best.intermediate_values) == [2, 4]
+    assert f"tune: best trial 0: val/loss = {best.value:.6g} (minimize)" in proc.stdout
+    assert f"hydra.searchpath=[file://{tmp_path}/cfg] experiment=best" in proc.stdout
+    assert (tmp_path / "cfg" / "experiment" / "best.yaml").is_file()
+
+
+@pytest.mark.parametrize("target,experiment", [("biflownet", "biflownet_tiny"), ("patchvolume", "ae_tiny"),
+                                               ("biflownet", "biflownet_base"), ("patchvolume", "ae_8x_stage1")])
+def test_default_search_spaces_fit_the_training_configs(target: str, experiment: str, tmp_path: Path) -> None:
+    from train.tune import CONFIG_DIR, prepare
+
+    with hydra.initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        # multi-GPU presets must be narrowed to one device per trial
+        job = prepare([f"target={target}", "study_name=s", f"experiment={experiment}", "trainer.devices=1"])
+    assert job.params and job.metric == {"biflownet": "val/loss", "patchvolume": "val/psnr"}[target]
+    assert job.best_config == CONFIG_DIR / "experiment" / "tuned_s.yaml" and job.base_experiment == experiment
