@@ -1,7 +1,7 @@
 """Resumable optuna search over the training config of train_BiFlowNet or train_PatchVolume.
 
-    python -m train.tune target=biflownet study_name=my-study storage=sqlite:///outputs/tune/my-study.db \
-        n_trials=20 experiment=biflownet_tiny paths.data_dir=outputs/demo/data trainer.max_steps=2000
+    python -m train.tune target=biflownet study_name=my-study storage=sqlite:///outputs/tune/my-study.db n_trials=20
+        experiment=biflownet_tiny paths.data_dir=outputs/demo/data trainer.max_steps=2000
     python -m train.tune target=patchvolume study_name=ae-lr search_space.lr.high=1e-2 experiment=ae_tiny
 
 Arguments whose first key is a key of ``config/tune.yaml`` (target, study_name, storage, n_trials,
