@@ -125,6 +125,9 @@ class PatchVolumeAutoencoder(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(embedding_dim))
         self.register_buffer("latent_std", torch.ones(embedding_dim))
         self.encoder_frozen = False
+        # NDHWC conv weights (activations follow): conv3d backward is ~10x faster on CPU (oneDNN) and the
+        # layout suits cuDNN; set here so training, loading and inference all compute in one layout
+        self.to(memory_format=torch.channels_last_3d)
 
     # ----------------------------------------------------------------------------------------- properties
     @property

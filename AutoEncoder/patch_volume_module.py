@@ -152,6 +152,8 @@ class PatchVolumeModule(L.LightningModule):
                 "trainer=fsdp is not supported for the autoencoder: its manual G/D steps clip by norm and take "
                 "gradients of the decoder's last layer, which FSDP shards; use trainer=ddp (FSDP is for train_BiFlowNet)"
             )
+        # the discriminator and perceptual network in the autoencoder's NDHWC layout (see PatchVolumeAutoencoder)
+        self.to(memory_format=torch.channels_last_3d)
 
     # ------------------------------------------------------------------------------------------ optimisers
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -204,6 +204,11 @@ class BiFlowNet(nn.Module):
             [res(2 * dim, dim), nn.GroupNorm(norm_groups, dim), nn.SiLU(), nn.Conv3d(dim, self.out_channels, 3, padding=1)]
         )
         self.initialize_weights()
+        # NDHWC conv weights (activations follow): conv3d backward is ~10x faster on CPU (oneDNN) and the
+        # layout suits cuDNN; set here so training, loading and inference all compute in one layout
+        for p in self.parameters():
+            if p.dim() == 5:
+                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:

@@ -23,7 +23,6 @@ from ddpm.lora import (
     load_adapter,
     read_adapter_meta,
     resolve_target_modules,
-    save_adapter,
     weights_fingerprint,
 )
 from tests.ddpm.conftest import randomize, tiny_network

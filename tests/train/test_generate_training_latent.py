@@ -59,8 +59,8 @@ def test_generates_latents_stats_and_manifest(tiny_prepared_dataset: Path, ae_ch
     dm.setup()
     subject = [s for s in dm.datasets[frame["split"][0]] if s["subject_id"] == sid][0]
     x = dm.collate([subject])["ct"]
-    with torch.no_grad():
-        torch.testing.assert_close(z, model.encode(x)[0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # fp32: oneDNN may pick other conv algorithms per call (~2e-5); a wrong latent is O(0.1) off
+        torch.testing.assert_close(z, model.encode(x)[0], atol=1e-4, rtol=1e-4)
     stats = json.loads((manifest.parent / "latent_stats.json").read_text())
     train = [torch.load(manifest.parent / p, weights_only=True) for p, s in zip(frame["latent"], frame["split"]) if s == "train"]
     allz = torch.stack(train).transpose(0, 1).reshape(4, -1)
