@@ -12,43 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from AutoEncoder import PatchVolumeModule
+from benchmarks.common import measure
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "autoencoder"
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def _measure(fn: Callable[[], None], device: torch.device, repeats: int) -> dict:
-    fn()  # warm-up (allocator, kernels, codebook initialisation)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = _peak_rss_mib()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    out = {"time_s": min(times), "time_s_mean": sum(times) / len(times)}
-    if device.type == "cuda":
-        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        out["peak_rss_mib"] = _peak_rss_mib()
-        out["peak_rss_growth_mib"] = _peak_rss_mib() - rss0
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
         "params_m": sum(p.numel() for p in ae.parameters()) / 1e6,
         "latent_shape": list(z.shape[1:]),
-        "encode": _measure(encode, device, args.repeats),
-        "decode": _measure(decode, device, args.repeats),
-        "train_step": _measure(train_step, device, args.repeats),
+        "encode": measure(encode, device, args.repeats),
+        "decode": measure(decode, device, args.repeats),
+        "train_step": measure(train_step, device, args.repeats),
     }
     print(json.dumps(result))
     return result

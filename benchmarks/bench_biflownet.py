@@ -13,7 +13,6 @@ fixed noise) of each.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import resource
 import sys

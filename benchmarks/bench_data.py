@@ -8,28 +8,18 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 
 import torch
 
+from benchmarks.common import best_of
 from dataset import DRRGeometry, Preprocessor, read_ct, render_drr_pair
 from dataset.prepare_demo import example_ct_path
 from dataset.preprocess import preprocessed_volume
 
 
-def _best_of(fn, repeats: int) -> float:
-    """Fastest wall time of ``repeats`` calls (seconds); the other agents share the CPU."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     path = example_ct_path()
-    read_s = _best_of(lambda: read_ct(path), 2)
+    read_s = best_of(lambda: read_ct(path), 2)
     ct = read_ct(path)
     result: dict = {
         "cpu": platform.processor() or platform.machine(),
@@ -39,11 +29,11 @@ def main() -> None:
     }
     for size, drr_size, repeats in ((64, 64, 5), (128, 128, 2)):
         pre = Preprocessor(shape=size, fit=True)
-        result[f"preprocess_s_per_ct_{size}^3"] = round(_best_of(lambda: pre(ct), 2), 2)
+        result[f"preprocess_s_per_ct_{size}^3"] = round(best_of(lambda: pre(ct), 2), 2)
         volume, spacing = preprocessed_volume(pre(ct), pre.window)
         geometry = DRRGeometry.fit(tuple(volume.shape[1:]), spacing, drr_size)
         with torch.no_grad():
-            seconds = _best_of(lambda: render_drr_pair(volume, spacing, geometry), repeats)
+            seconds = best_of(lambda: render_drr_pair(volume, spacing, geometry), repeats)
         result[f"drr_pairs_per_s_vol{size}^3_det{drr_size}^2"] = round(1.0 / seconds, 2)
     print(json.dumps(result))
 

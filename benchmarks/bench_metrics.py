@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
-import time
 from functools import partial
 from pathlib import Path
 
 import diffdrr
 import torch
 
+from benchmarks.common import best_of, peak_rss_mib
 from dataset import DRRGeometry, HUWindow, Preprocessor, read_ct, render_drr_pair
 from dataset.preprocess import preprocessed_volume
 from evaluation.figures import mpr_figure
 from evaluation.metrics import reprojection_metrics, volume_metrics
-
-
-def _best_of(fn, repeats: int) -> float:
-    """Fastest wall time of ``repeats`` calls (seconds); other processes may share the CPU."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -49,13 +38,13 @@ def main() -> None:
         render = partial(render_drr_pair, spacing_dhw=spacing, geometry=geometry, window=window)
         ap, lat = render(ref)
         result[f"{size}^3"] = {
-            "volume_metrics_s": round(_best_of(partial(volume_metrics, pred, ref, window), repeats), 3),
-            "reprojection_s": round(_best_of(partial(reprojection_metrics, pred, ap, lat, render), repeats), 3),
+            "volume_metrics_s": round(best_of(partial(volume_metrics, pred, ref, window), repeats), 3),
+            "reprojection_s": round(best_of(partial(reprojection_metrics, pred, ap, lat, render), repeats), 3),
             "mpr_figure_s": round(
-                _best_of(partial(mpr_figure, pred, ref, window=window, ap=ap, lat=lat), repeats), 3
+                best_of(partial(mpr_figure, pred, ref, window=window, ap=ap, lat=lat), repeats), 3
             ),
         }
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     print(json.dumps(result))
 
 
