@@ -23,7 +23,7 @@ test: $(STAMP)
 	@$(PY) -m pytest -q
 
 demo: $(STAMP)
-	@$(PY) -m dataset.prepare_demo --out $(DEMO_OUT)/data
+	@$(PY) -m evaluation.demo --out $(DEMO_OUT)
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) -m benchmarks.$$(basename $$f .py); done

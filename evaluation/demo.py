@@ -65,11 +65,21 @@ def checkpoint_step(path: Path) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", -1))
 
 
-def checkpoint_factor(path: Path) -> int:
-    """CT-to-latent downsampling factor of an autoencoder checkpoint."""
+def drop_latents(manifest: Path) -> None:
+    """Forget the latents of a prepared dataset: files, statistics and the manifest's ``latent`` column."""
+    frame = Manifest.load(manifest, check_files=False).frame
+    if "latent" in frame.columns:
+        Manifest.write(frame.drop(columns="latent"), manifest)
+    (manifest.parent / "latent_stats.json").unlink(missing_ok=True)
+    shutil.rmtree(manifest.parent / "latents", ignore_errors=True)
+
+
+def latent_layout(path: Path) -> tuple[int, int]:
+    """(latent channels, CT-to-latent downsampling factor) of an autoencoder checkpoint."""
     from AutoEncoder import load_autoencoder
 
-    return load_autoencoder(path).downsample_factor
+    ae = load_autoencoder(path)
+    return ae.latent_channels, ae.downsample_factor
 
 
 def stage(name: str, t0: float) -> None:
@@ -115,7 +125,7 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
         *common]))
     ae_ckpt = Path(ae_run["last_checkpoint"])
     if checkpoint_step(ae_ckpt) != ae_before:  # a changed autoencoder makes its latents and denoiser stale
-        shutil.rmtree(data / "latents", ignore_errors=True)
+        drop_latents(manifest)
         shutil.rmtree(out / "biflownet", ignore_errors=True)
     times["autoencoder_s"] = time.perf_counter() - t
 
@@ -126,10 +136,12 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
 
     stage(f"4/6 BiFlowNet ({diffusion_steps} steps)", t0)
     t = time.perf_counter()
-    lat = info.shape[0] // checkpoint_factor(ae_ckpt)
+    channels, factor = latent_layout(ae_ckpt)
+    lat = info.shape[0] // factor
     bf_run = train_BiFlowNet.run(compose("train_BiFlowNet", [
         "experiment=demo_biflownet", f"paths.output_dir={out / 'biflownet'}",
         f"trainer.max_steps={diffusion_steps}", f"network.latent_shape=[{lat},{lat},{lat}]",
+        f"network.in_channels={channels}",
         f"network.xray.image_size=[{size},{size}]", *common]))
     bf_ckpt = Path(bf_run["checkpoint_dir"]) / "last.ckpt"
     times["biflownet_s"] = time.perf_counter() - t
@@ -213,8 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--subjects", type=int, default=40)
     p.add_argument("--size", type=int, default=64, help="CT edge in voxels (and DRR pixels)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ae-steps", type=int, default=300)
-    p.add_argument("--diffusion-steps", type=int, default=600)
+    p.add_argument("--ae-steps", type=int, default=400)
+    p.add_argument("--diffusion-steps", type=int, default=800)
     p.add_argument("--num-samples", type=int, default=4, help="samples per test subject (mean is scored)")
     p.add_argument("--inference-steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--fresh", action="store_true", help="delete OUT first and start over")

@@ -49,6 +49,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert [demo.checkpoint_step(p) for p in ckpts] == steps
     assert json.loads((out / "summary.json").read_text())["x2ct_psnr_db"] == pytest.approx(summary["x2ct_psnr_db"])
 
+    # a longer autoencoder run makes the latents and the denoiser stale: both are rebuilt, not reused
+    more = args.copy()
+    more[more.index("--ae-steps") + 1] = "4"
+    assert demo.main(more) == 0
+    assert [demo.checkpoint_step(p) for p in ckpts] == [4, 3]
+    stats = json.loads((out / "data" / "latent_stats.json").read_text())
+    assert Path(stats["ae_checkpoint"]) == ckpts[0].resolve()
+
 
 def _csv_rows(path: Path) -> list[dict]:
     import pandas as pd
