@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
