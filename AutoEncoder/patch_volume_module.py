@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from monai.metrics import PSNRMetric
 from torch import nn
 
@@ -81,7 +81,7 @@ class PatchVolumeModule(L.LightningModule):
         grad_clip_algorithm: ``"norm"`` (``clip_grad_norm_``) or ``"value"`` (``clip_grad_value_``).
         accumulate_grad_batches: batches whose gradients are accumulated per optimiser step (>= 1). Set this
             instead of ``trainer.accumulate_grad_batches``, which Lightning ignores under manual optimisation.
-        log_images: log MPR images of the first validation reconstruction to TensorBoard (rank zero).
+        log_images: log MPR images of the first validation reconstruction to TensorBoard and W&B (rank zero).
         dataset_info: plain dict describing the data (intensity window, spacing), stored in the checkpoint.
         perceptual_network: a prebuilt feature network (tests); otherwise weights come from ``loss.perceptual``.
     """
@@ -250,7 +250,10 @@ class PatchVolumeModule(L.LightningModule):
             self._log_mpr(x[0], rec[0])
 
     def _log_mpr(self, x: torch.Tensor, rec: torch.Tensor) -> None:
+        """MPR grid of input (top) and reconstruction (bottom) to every logger that takes images."""
+        image = torch.cat([mpr_grid(x), mpr_grid(rec)], dim=1).cpu()  # (C, H, W)
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                image = torch.cat([mpr_grid(x), mpr_grid(rec)], dim=1)  # input on top, reconstruction below
-                logger.experiment.add_image("val/mpr_input_vs_reconstruction", image.cpu(), self.global_step)
+                logger.experiment.add_image("val/mpr_input_vs_reconstruction", image, self.global_step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("val/mpr_input_vs_reconstruction", [image[0].numpy()], step=self.global_step)

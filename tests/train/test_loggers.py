@@ -124,3 +124,23 @@ def test_one_run_logs_the_same_scalars_to_tensorboard_csv_and_wandb(
     last_val = [float(r["val/loss"]) for r in rows if r["val/loss"]][-1]
     assert [e.value for e in acc.Scalars("val/loss")][-1] == pytest.approx(last_val, rel=1e-6)
     assert [float(h["val/loss"]) for h in history if "val/loss" in h][-1] == pytest.approx(last_val, rel=1e-6)
+
+
+def test_autoencoder_mpr_image_reaches_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning as L
+    import wandb
+
+    from AutoEncoder import PatchVolumeModule
+    from tests.AutoEncoder.conftest import tiny_config
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "wandb_home",
+                       "WANDB_CONFIG_DIR": tmp_path / "wandb_config", "WANDB_CACHE_DIR": tmp_path / "wandb_cache"}.items():
+        monkeypatch.setenv(key, str(value))
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="test")
+    module = PatchVolumeModule(tiny_config(), loss={"perceptual_weight": 0.0, "gan_weight": 0.0})
+    module.trainer = L.Trainer(logger=[logger], accelerator="cpu", enable_checkpointing=False)
+    x = torch.rand(1, 16, 16, 16) * 2 - 1
+    module._log_mpr(x, x)
+    wandb.finish()
+    images = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/val/mpr_input_vs_reconstruction*.png"))
+    assert len(images) == 1
