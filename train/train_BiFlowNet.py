@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 from ddpm.biflownet_module import NonFiniteLossError
 from ddpm.loading import read_network_config
 from ddpm.preflight import check_training_inputs, read_latent_stats
+from train.common import instantiate_group, resolve_ckpt_path
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
@@ -29,18 +30,6 @@ def world_size(trainer_cfg: DictConfig) -> int:
     devices = trainer_cfg.get("devices", 1)
     per_node = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else 1
     return max(per_node, 1) * int(trainer_cfg.get("num_nodes", 1))
-
-
-def resolve_ckpt_path(value: str | None, checkpoint_dir: Path) -> str | None:
-    """`last` -> the run's last.ckpt when present; None -> fresh; anything else must be an existing file."""
-    if value is None:
-        return None
-    if value == "last":
-        last = checkpoint_dir / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(value).is_file():
-        raise FileNotFoundError(f"{value}: ckpt_path does not exist; expected a checkpoint to resume from")
-    return str(value)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -73,8 +62,8 @@ def run(cfg: DictConfig) -> dict:
         from ddpm.lora import describe_counts
 
         print(describe_counts(trainable, total), flush=True)
-    callbacks = [hydra.utils.instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values()]
+    callbacks = instantiate_group(cfg, "callbacks")
+    loggers = instantiate_group(cfg, "logger")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     checkpoint_dir = Path(cfg.callbacks.checkpoint.dirpath)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir))

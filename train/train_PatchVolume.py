@@ -15,18 +15,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from dataset import DatasetInfo
-
-
-def resolve_ckpt_path(value: str | None, checkpoint_dir: Path) -> str | None:
-    """`last` -> the run's last.ckpt when present; None -> fresh; anything else must be an existing file."""
-    if value is None:
-        return None
-    if value == "last":
-        last = checkpoint_dir / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(value).is_file():
-        raise FileNotFoundError(f"{value}: ckpt_path does not exist; expected a checkpoint to resume from")
-    return str(value)
+from train.common import instantiate_group, resolve_ckpt_path
 
 
 def run(cfg: DictConfig) -> dict:
@@ -41,8 +30,8 @@ def run(cfg: DictConfig) -> dict:
 
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = hydra.utils.instantiate(cfg.module, dataset_info=info, _convert_="all")
-    callbacks = [hydra.utils.instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values()]
+    callbacks = instantiate_group(cfg, "callbacks")
+    loggers = instantiate_group(cfg, "logger")
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("strategy") == "ddp":
         # G and D are stepped by separate backward passes, each leaving the other network's parameters unused
