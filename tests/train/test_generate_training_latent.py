@@ -92,7 +92,7 @@ def test_torchrun_two_ranks_shard_the_subjects(tiny_prepared_dataset: Path, ae_c
     manifest = _copy(tiny_prepared_dataset, tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "train.generate_training_latent", "--manifest", str(manifest), "--ae-ckpt", str(ae_checkpoint), "--no-progress"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 encoded" in proc.stdout  # rank 0 did its half
     frame = pd.read_csv(manifest)

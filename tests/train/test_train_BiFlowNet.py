@@ -109,7 +109,7 @@ def test_torchrun_two_cpu_processes_checkpoint_and_resume(latent_dataset: Path, 
     def launch(steps: int) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "train.train_BiFlowNet", "trainer=ddp_cpu", *_overrides(latent_dataset, tmp_path, steps)]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
 
     proc = launch(2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -144,7 +144,7 @@ def test_bad_configuration_against_the_data_is_rejected(latent_dataset: Path, tm
 
 def test_cli_turns_bad_input_into_exit_code_2(latent_dataset: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "train.train_BiFlowNet", *_overrides(latent_dataset, tmp_path, 1), "network.latent_shape=[16,16,16]"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 2
     assert "train_BiFlowNet: error:" in proc.stderr and "latent has shape" in proc.stderr
     assert len(pd.read_csv(latent_dataset / "manifest.csv")) == 8

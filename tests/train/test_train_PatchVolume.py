@@ -75,7 +75,7 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "train.train_PatchVolume", "experiment=ae_tiny", f"paths.data_dir={tmp_path}",
          f"paths.output_dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=120,
     )
     assert proc.returncode == 2
     assert "manifest.csv" in proc.stderr and "Traceback" not in proc.stderr
@@ -91,7 +91,7 @@ def test_torchrun_ddp_two_processes_keeps_codebooks_identical(tiny_prepared_data
         "logger=none", "+callbacks.dump._target_=tests.train.codebook_dump.CodebookDump", f"+callbacks.dump.out_dir={out}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_file()
     r0, r1 = (torch.load(out / f"codebook_rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -189,7 +189,7 @@ def test_storage_under_a_file_is_not_writable(tmp_path: Path, capsys: pytest.Cap
 def test_cli_runs_a_trial_and_prints_the_best(latents: Path, tmp_path: Path) -> None:
     # `python -m train.tune` runs as __main__; its trials must still find their reporter through train.tune
     proc = subprocess.run([sys.executable, "-m", "train.tune", *_args(latents, tmp_path, 1)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+                          encoding="utf-8", errors="replace", timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = _study(tmp_path).best_trial
     assert sorted(best.intermediate_values) == [2, 4]
