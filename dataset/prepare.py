@@ -160,7 +160,7 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
     Raises:
         ValueError: duplicate subject ids, or ``out`` prepared with other settings.
     """
-    out = Path(out)
+    out = Path(out).resolve()  # manifest paths are written relative to the CSV, so build them absolute
     ids = list(ids)
     dup = sorted({s for s in ids if ids.count(s) > 1})
     if dup:

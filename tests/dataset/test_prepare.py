@@ -130,3 +130,12 @@ def test_paired_dataset_rejects_mismatched_views(tiny_prepared_dataset: Path, tm
     with pytest.raises(ValueError, match=f"subject {row['subject_id']}: AP .* and LAT .* differ"):
         ds[2]
     assert ds[0]["ap"].shape == (1, 32, 32)
+
+
+def test_relative_output_folder_gives_a_loadable_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _raw(tmp_path, 2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--input", str(raw), "--out", "rel/out", *ARGS]) == 0
+    monkeypatch.chdir("/")  # paths in the manifest are relative to the CSV, not to where prepare ran
+    frame = Manifest.load(tmp_path / "rel" / "out" / "manifest.csv").frame
+    assert len(frame) == 2 and all(Path(p).is_file() for p in frame.ct)

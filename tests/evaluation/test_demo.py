@@ -25,9 +25,10 @@ def _one_thread():
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative --out, as `make demo` passes it
     out = tmp_path / "demo"
-    args = ["--out", str(out), "--subjects", "8", "--size", "32", "--ae-steps", "3", "--diffusion-steps", "3",
+    args = ["--out", "demo", "--subjects", "8", "--size", "32", "--ae-steps", "3", "--diffusion-steps", "3",
             "--num-samples", "2", "--inference-steps", "2", "--no-progress"]
     assert demo.main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
