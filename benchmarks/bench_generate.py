@@ -1,6 +1,6 @@
 """Latency and peak memory of generating one CT volume from an X-ray pair (sampling + decoding).
 
-    python -m benchmarks.bench_generate --size 64 --ae-preset tiny_8x --network tiny --steps 25
+    python -m benchmarks.bench_generate --size 64 --ae-preset tiny --network tiny --steps 25
     python -m benchmarks.bench_generate --size 256 --ae-preset patchvolume_8x --network base --steps 50 --device cuda
 
 Networks have random weights (latency does not depend on them); shapes follow the presets with the
@@ -36,7 +36,7 @@ def build(size: int, ae_preset: str, network: str, xray_size: int, sampler: str,
     ae = PatchVolumeAutoencoder(**OmegaConf.to_container(ae_cfg)).eval().to(device)
     lat = size // ae.downsample_factor
     net_cfg = OmegaConf.to_container(OmegaConf.load(CONFIG / "diffusion" / "network" / f"{network}.yaml"))
-    net_cfg.update(in_channels=ae.latent_channels, latent_shape=[lat] * 3)
+    net_cfg.update(in_channels=ae.latent_channels, latent_shape=[lat] * 3, num_classes=0)  # X-ray conditioned only
     if net_cfg.get("xray"):
         net_cfg["xray"]["image_size"] = [xray_size, xray_size]
     model = BiFlowNet(**net_cfg).eval().to(device)
@@ -54,7 +54,7 @@ def build(size: int, ae_preset: str, network: str, xray_size: int, sampler: str,
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=64, help="cubic CT edge (voxels)")
-    p.add_argument("--ae-preset", default="tiny_8x", help="config/autoencoder/<preset>.yaml")
+    p.add_argument("--ae-preset", default="tiny", help="config/autoencoder/<preset>.yaml")
     p.add_argument("--network", default="tiny", help="config/diffusion/network/<preset>.yaml")
     p.add_argument("--xray-size", type=int, default=None, help="X-ray edge in pixels (default --size)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
