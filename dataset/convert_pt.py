@@ -416,9 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    print(summary.format())
-    if summary.manifest is None:
-        print(f"{parser.prog}: error: all {summary.total} subjects failed; nothing written", file=sys.stderr)
+    if summary.report(parser.prog):
         return 2
     if args.preview is not None:
         from dataset.drr_figure import save_drr_figure

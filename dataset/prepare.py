@@ -49,6 +49,14 @@ class PrepareSummary:
     def total(self) -> int:
         return len(self.prepared) + len(self.skipped) + len(self.failed)
 
+    def report(self, prog: str) -> int:
+        """Print the summary; return exit code 0, or 2 (one error line on stderr) when nothing was written."""
+        print(self.format())
+        if self.manifest is None:
+            print(f"{prog}: error: all {self.total} {self.noun} failed; nothing written", file=sys.stderr)
+            return 2
+        return 0
+
     def format(self) -> str:
         """Human-readable multi-line summary."""
         lines = [f"{self.total} {self.noun}: {len(self.prepared)} prepared, {len(self.skipped)} skipped "
@@ -294,11 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    print(summary.format())
-    if summary.manifest is None:
-        print(f"{parser.prog}: error: all {summary.total} subjects failed; nothing written", file=sys.stderr)
-        return 2
-    return 0
+    return summary.report(parser.prog)
 
 
 if __name__ == "__main__":

@@ -109,11 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    print(summary.format())
-    if summary.manifest is None:
-        print(f"{parser.prog}: error: all {summary.total} subjects failed; nothing written", file=sys.stderr)
-        return 2
-    return 0
+    return summary.report(parser.prog)
 
 
 if __name__ == "__main__":
