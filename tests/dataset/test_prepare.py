@@ -139,3 +139,15 @@ def test_relative_output_folder_gives_a_loadable_manifest(tmp_path: Path, monkey
     monkeypatch.chdir("/")  # paths in the manifest are relative to the CSV, not to where prepare ran
     frame = Manifest.load(tmp_path / "rel" / "out" / "manifest.csv").frame
     assert len(frame) == 2 and all(Path(p).is_file() for p in frame.ct)
+
+
+def test_all_subjects_failing_exits_2_and_writes_no_manifest(tmp_path: Path, capsys) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "broken.nii.gz").write_bytes(b"not a nifti file")
+    out = tmp_path / "out"
+    assert main(["--input", str(raw), "--out", str(out), *ARGS]) == 2
+    captured = capsys.readouterr()
+    assert "all 1 subjects failed; nothing written" in captured.err
+    assert "failed broken" in captured.out  # the summary names the subject and why
+    assert not (out / "manifest.csv").exists()
