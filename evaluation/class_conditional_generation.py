@@ -22,8 +22,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import write_nifti
-from evaluation.generate_ct import check_outputs
-from evaluation.generation import SAMPLERS, CTGenerator
+from evaluation.generate_ct import add_model_arguments, check_outputs, load_generator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,23 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     from dataset.prepare import OneLineParser
 
     p = OneLineParser(prog="python -m evaluation.class_conditional_generation", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", "--model-ckpt", type=Path, required=True, help="BiFlowNet checkpoint (.ckpt)")
-    p.add_argument("--autoencoder", "--AE-ckpt", type=Path, default=None,
-                   help="autoencoder checkpoint (default: the one recorded in --checkpoint)")
-    p.add_argument("--adapter", type=Path, default=None,
-                   help="LoRA adapter folder trained on --checkpoint (merged before sampling)")
+    add_model_arguments(p)
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--num-volumes", type=int, default=4, help="volumes per label")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--label", type=int, default=None, help="class label to generate")
     labels.add_argument("--all-labels", action="store_true", help="--num-volumes of every class")
-    p.add_argument("--num-inference-steps", "--num_inference_steps", type=int, default=50)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--guidance-scale", "--guidance_scale", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=None, help="volumes per network batch (default all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -59,8 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.num_volumes < 1:
             raise ValueError(f"--num-volumes {args.num_volumes} must be >= 1")
-        gen = CTGenerator.from_checkpoints(args.checkpoint, args.autoencoder, args.device,
-                                           bf16=False if args.fp32 else None, adapter=args.adapter)
+        gen = load_generator(args)
         if gen.num_classes > 0 and not gen.needs_xrays:
             if args.all_labels:
                 labels: list[int | None] = list(range(gen.num_classes))

@@ -62,16 +62,33 @@ def write_generation(gen: CTGenerator, volumes: torch.Tensor, output: Path) -> d
     return paths
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``evaluation.generate_ct`` argument parser."""
-    from dataset.prepare import OneLineParser
-
-    p = OneLineParser(prog="python -m evaluation.generate_ct", description=__doc__.split("\n")[0])
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Checkpoint, sampler and device options shared by the generation CLIs (read by :func:`load_generator`)."""
     p.add_argument("--checkpoint", "--model-ckpt", type=Path, required=True, help="BiFlowNet checkpoint (.ckpt)")
     p.add_argument("--autoencoder", "--AE-ckpt", type=Path, default=None,
                    help="autoencoder checkpoint (default: the one recorded in --checkpoint)")
     p.add_argument("--adapter", type=Path, default=None,
                    help="LoRA adapter folder trained on --checkpoint (merged before sampling)")
+    p.add_argument("--num-inference-steps", "--num_inference_steps", type=int, default=50)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--guidance-scale", "--guidance_scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
+
+
+def load_generator(args: argparse.Namespace) -> CTGenerator:
+    """The :class:`CTGenerator` that :func:`add_model_arguments`' options describe."""
+    return CTGenerator.from_checkpoints(args.checkpoint, args.autoencoder, args.device,
+                                        bf16=False if args.fp32 else None, adapter=args.adapter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``evaluation.generate_ct`` argument parser."""
+    from dataset.prepare import OneLineParser
+
+    p = OneLineParser(prog="python -m evaluation.generate_ct", description=__doc__.split("\n")[0])
+    add_model_arguments(p)
     p.add_argument("--ap", type=Path, help="AP X-ray (.pt, .png or 2-D .nii[.gz]) in [0, 1]")
     p.add_argument("--lat", type=Path, help="lateral X-ray, same size as --ap")
     p.add_argument("--output", type=Path, help="output NIfTI (HU) for one pair")
@@ -79,13 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="batch mode: manifest split (default test)")
     p.add_argument("--output-dir", type=Path, help="batch mode: folder for <subject_id>.nii.gz")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
-    p.add_argument("--num-inference-steps", "--num_inference_steps", type=int, default=50)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--guidance-scale", "--guidance_scale", type=float, default=1.0)
     p.add_argument("--num-samples", "--num_samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -120,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{args.num_inference_steps} must be >= 1")
         jobs = _jobs(args)
         check_outputs([p for *_, out in jobs for p in output_paths(out, args.num_samples).values()], args.overwrite)
-        gen = CTGenerator.from_checkpoints(args.checkpoint, args.autoencoder, args.device,
-                                           bf16=False if args.fp32 else None, adapter=args.adapter)
+        gen = load_generator(args)
         # read and check every input before the first (slow) sample
         inputs = []
         for name, ap_path, lat_path, label, out in jobs:
