@@ -139,6 +139,16 @@ def psnr(
     return PSNRMetric(max_val=data_range, reduction="none")(pred, ref).reshape(-1)
 
 
+def _ssim(pred: torch.Tensor, ref: torch.Tensor, spatial_dims: int, data_range: float, win_size: int, sigma: float,
+          name: str) -> torch.Tensor:
+    """``monai.metrics.SSIMMetric`` over ``spatial_dims`` dimensions, one value per batch item."""
+    pred, ref = _pair(pred, ref, spatial_dims, name)
+    _check_window_fits(pred.shape[2:], win_size, name)
+    metric = SSIMMetric(spatial_dims=spatial_dims, data_range=data_range, win_size=win_size, kernel_sigma=sigma,
+                        reduction="none")
+    return metric(pred, ref).reshape(-1)
+
+
 def ssim_3d(
     pred: torch.Tensor,
     ref: torch.Tensor,
@@ -163,10 +173,7 @@ def ssim_3d(
     Returns:
         ``(B,)`` float tensor, 1 for identical volumes.
     """
-    pred, ref = _pair(pred, ref, 3, name)
-    _check_window_fits(pred.shape[2:], win_size, name)
-    metric = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=win_size, kernel_sigma=sigma, reduction="none")
-    return metric(pred, ref).reshape(-1)
+    return _ssim(pred, ref, 3, data_range, win_size, sigma, name)
 
 
 def ssim_2d(
@@ -190,10 +197,7 @@ def ssim_2d(
     Returns:
         ``(B,)`` float tensor, 1 for identical images.
     """
-    pred, ref = _pair(pred, ref, 2, name)
-    _check_window_fits(pred.shape[2:], win_size, name)
-    metric = SSIMMetric(spatial_dims=2, data_range=data_range, win_size=win_size, kernel_sigma=sigma, reduction="none")
-    return metric(pred, ref).reshape(-1)
+    return _ssim(pred, ref, 2, data_range, win_size, sigma, name)
 
 
 def _axial_slices(x: torch.Tensor) -> torch.Tensor:
