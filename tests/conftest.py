@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from dataset import CTDataModule, PairedDataModule, chest_phantom, write_nifti
 from dataset.prepare import main as prepare_main
@@ -53,3 +54,13 @@ def tiny_paired_datamodule(tiny_prepared_dataset: Path) -> PairedDataModule:
     dm = PairedDataModule(tiny_prepared_dataset, batch_size=2, load=("ap", "lat", "ct"))
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: tiny CPU kernels are fastest single-threaded on a shared, busy
+    machine (no OpenMP spin-waits); the previous thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

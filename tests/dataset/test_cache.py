@@ -14,12 +14,7 @@ import dataset.paired_dataset as paired_dataset
 from dataset import CTDataModule, Manifest, PairedDataModule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 @pytest.fixture

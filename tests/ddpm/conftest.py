@@ -54,9 +54,5 @@ def inputs() -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU kernels run fastest single-threaded on a shared, busy machine (no OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    """Every ddpm test runs single-threaded (``one_thread`` in tests/conftest.py)."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-import torch
 
 from evaluation import demo
 
@@ -16,12 +15,7 @@ SUMMARY_KEYS = ("n_train", "n_test", "ae_psnr_db", "x2ct_psnr_db", "x2ct_ssim", 
                 "drr_consistency_psnr_db", "margin_over_baseline_db", "wall_s")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 @pytest.mark.slow

@@ -19,13 +19,7 @@ LORA = {"rank": 2, "alpha": 2.0, "target_modules": [r"dit_(in|mid|out)\.\d+\.mlp
                                                     r"(downs|ups)\.\d+\.[02]\.conv[12]\.conv", r"final\.3"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU runs are fastest single-threaded on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

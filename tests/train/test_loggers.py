@@ -77,12 +77,7 @@ def test_logger_presets_write_into_the_run_dir(choice: str, tmp_path: Path) -> N
             assert c.offline is True  # works without network by default; `wandb sync` uploads later
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 def test_one_run_logs_the_same_scalars_to_tensorboard_csv_and_wandb(

@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NO_GAN = {"perceptual_weight": 0.0, "gan_weight": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -58,13 +58,7 @@ def latent_dataset(tiny_prepared_dataset: Path, tmp_path_factory: pytest.TempPat
     return write_proxy_latents(tiny_prepared_dataset, tmp_path_factory.mktemp("latents") / "data")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU runs are fastest single-threaded on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 def _overrides(data: Path, runs: Path, steps: int) -> list[str]:

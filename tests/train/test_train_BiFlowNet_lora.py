@@ -14,13 +14,7 @@ from tests.train.test_train_BiFlowNet import _compose, _overrides, latent_datase
 from train.train_BiFlowNet import run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU runs are fastest single-threaded on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 def _lora_overrides(data: Path, runs: Path, base: Path, steps: int) -> list[str]:

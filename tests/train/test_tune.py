@@ -41,12 +41,7 @@ def latents(tiny_prepared_dataset: Path, tmp_path_factory: pytest.TempPathFactor
     return write_proxy_latents(tiny_prepared_dataset, tmp_path_factory.mktemp("tune_latents") / "data")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 def _args(data: Path, tmp: Path, n_trials: int, *extra: str) -> list[str]:
