@@ -1,7 +1,7 @@
 """CT / X-ray I/O, preprocessing (HU -> [-1, 1], axes -> (B, C, D, H, W)), DRRs, manifests and datamodules."""
 
 from dataset.dataset_info import DatasetInfo
-from dataset.drr import DRRGeometry, render_drr_pair
+from dataset.drr import DRRGeometry, ViewGeometry, render_drr_pair
 from dataset.intensity import HUWindow
 from dataset.io import atomic_save_torch, atomic_write, atomic_write_json, load_xray, read_ct, write_nifti
 from dataset.manifest import Manifest
@@ -36,6 +36,7 @@ __all__ = [
     "PairedDataModule",
     "PairedDataset",
     "Preprocessor",
+    "ViewGeometry",
     "atomic_save_torch",
     "atomic_write",
     "atomic_write_json",

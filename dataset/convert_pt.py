@@ -389,7 +389,7 @@ def _geometry(args: argparse.Namespace, xray_size: tuple[int, int] | None) -> DR
         return None
     if any(v is None for v in trio) or xray_size is None:
         raise ValueError("a geometry needs --sdd, --sid, --pixel-spacing and --xray-size together")
-    return DRRGeometry(args.sdd, args.sid, xray_size, args.pixel_spacing, args.wet_scale)
+    return DRRGeometry.uniform(args.sdd, args.sid, xray_size, args.pixel_spacing, args.wet_scale)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

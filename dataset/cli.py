@@ -1,0 +1,188 @@
+"""The one command-line layer every entry point uses: parsing, number checks, exit codes, library noise.
+
+Exit codes (also in CLAUDE.md):
+
+- 0: done.
+- 2: bad input: a bad argument or config value, a missing / corrupt / wrong-kind file, NaN, wrong
+  shape. One line on stderr, ``prog: error: ...``, and nothing half-written.
+- 3: training stopped by a non-finite loss (the last good checkpoint is kept).
+- 130: interrupted (Ctrl-C), one line, no traceback.
+- 1: an internal error (a bug): one line naming the exception; ``XRAY2CT_TRACEBACK=1`` shows the traceback.
+
+Errors carry their own code by an ``exit_code`` class attribute (see
+``ddpm.biflownet_module.NonFiniteLossError``); ``ValueError`` / ``FileNotFoundError`` /
+``FileExistsError`` / ``NotADirectoryError`` / ``IsADirectoryError`` are bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+TRACEBACK_ENV = "XRAY2CT_TRACEBACK"
+
+
+def one_line(err: BaseException | str) -> str:
+    """An error message folded onto one line (library messages can span many)."""
+    text = str(err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) if len(lines) <= 3 else lines[0]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr (``prog: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def number(kind: type = float, min: float | None = None, max: float | None = None, min_open: bool = False,
+           max_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses a finite number within bounds.
+
+    Args:
+        kind: ``float`` or ``int``.
+        min, max: bounds (None: unbounded).
+        min_open, max_open: exclude the bound itself.
+
+    Returns:
+        A converter raising ``argparse.ArgumentTypeError`` (-> one line, exit 2) for text that is not a
+        number, NaN/Inf, or a value out of range.
+    """
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text) if kind is int else float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        check_range(value, "value", min, max, min_open, max_open, error=argparse.ArgumentTypeError)
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
+def check_range(value: float, name: str, min: float | None = None, max: float | None = None,
+                min_open: bool = False, max_open: bool = False, error: type[Exception] = ValueError) -> float:
+    """Return ``value`` if finite and within bounds, else raise ``error`` naming ``name`` and the range."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise error(f"{name}={value!r} is not a number") from None
+    low_ok = min is None or (v > min if min_open else v >= min)
+    high_ok = max is None or (v < max if max_open else v <= max)
+    if not math.isfinite(v) or not (low_ok and high_ok):
+        lo = "-inf" if min is None else f"{min:g}"
+        hi = "inf" if max is None else f"{max:g}"
+        interval = f"{'(' if min_open or min is None else '['}{lo}, {hi}{')' if max_open or max is None else ']'}"
+        raise error(f"{name}={value!r} is out of range; expected a finite value in {interval}")
+    return value
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The exit code an exception maps to (see the module docstring)."""
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    code = getattr(err, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(err, BAD_INPUT):
+        return EXIT_BAD_INPUT
+    return EXIT_INTERNAL
+
+
+def run_cli(prog: str, fn: Callable[[], int | None]) -> int:
+    """Run ``fn`` and map what it raises to one stderr line and an exit code (never a traceback).
+
+    Args:
+        prog: program name for messages (``python -m package.module``).
+        fn: the work; returns an exit code or None (0).
+
+    Returns:
+        The exit code.
+    """
+    try:
+        code = fn()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001 - the one place that turns every error into an exit code
+        code = exit_code_of(err)
+        if code == EXIT_INTERNAL:
+            if os.environ.get(TRACEBACK_ENV):
+                traceback.print_exc()
+            print(f"{prog}: internal error: {type(err).__name__}: {one_line(err)} "
+                  f"(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return code
+    return EXIT_OK if code is None else int(code)
+
+
+def hydra_entry(main: Callable[[], Any]) -> NoReturn:
+    """Call a ``@hydra.main`` function and exit; Hydra's own errors (bad overrides) exit 2, not 1.
+
+    The wrapped function maps its own errors with :func:`run_cli` and calls ``sys.exit``; Hydra exits
+    with 1 only for problems in the command line or config composition, which are bad input.
+    """
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_INTERNAL)
+        sys.exit(EXIT_BAD_INPUT if code == EXIT_INTERNAL else code)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_OK)
+
+
+_NOISY_MESSAGES = (
+    r".*does not have many workers.*",
+    r".*modules? in eval mode.*",
+    r".*treespec.*",
+    r".*litlogger.*",
+    r".*litmodels.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*torch.utils._pytree.*",
+    r".*`isinstance\(treespec, LeafSpec\)`.*",
+    r".*LeafSpec.*",
+    r".*Precision bf16-mixed is not supported by the model summary.*",
+    r".*You are using a CUDA device.*Tensor Cores.*",
+    r".*GPU available but not used.*",
+    r".*sync_dist=True.*",
+)
+
+
+def quiet_libraries() -> None:
+    """Filter library noise in one place: Lightning tips and info lines, and known harmless warnings.
+
+    Progress bars, our own messages, and real warnings stay. Call it after importing Lightning
+    (importing Lightning resets its loggers).
+    """
+    for message in _NOISY_MESSAGES:
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|lightning|monai|timm|torchio).*")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+__all__ = [
+    "BAD_INPUT", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK",
+    "OneLineParser", "check_range", "exit_code_of", "hydra_entry", "number", "one_line", "quiet_libraries", "run_cli",
+]
