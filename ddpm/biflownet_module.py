@@ -72,6 +72,10 @@ class BiFlowNetModule(L.LightningModule):
         adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond={p_uncond} is invalid; expected a probability in [0, 1]")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay} is invalid; expected a value in [0, 1)")
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = BiFlowNet(**network)
         self.lora_settings = None
@@ -187,9 +191,13 @@ class BiFlowNetModule(L.LightningModule):
         return self.normalize(z.float()), cond
 
     # --------------------------------------------------------------- training
+    def condition_dropout(self, batch_size: int, device: torch.device | str) -> torch.Tensor:
+        """(batch_size,) bool: True for each sample whose conditions are all dropped (probability ``p_uncond``)."""
+        return torch.rand(batch_size, device=device) < self.p_uncond
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         z, cond = self._unpack(batch)
-        drop = torch.rand(z.shape[0], device=z.device) < self.p_uncond
+        drop = self.condition_dropout(z.shape[0], z.device)
         loss = self.diffusion.training_loss(lambda x, t: self.model(x, t, drop=drop, **cond), z)
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if not finite:
