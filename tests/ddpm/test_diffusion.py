@@ -133,3 +133,32 @@ def test_sampler_with_the_exact_denoiser_reproduces_a_gaussian(process, target, 
     # 16384 values: the sampling error of the mean is ~0.003 and of the std ~0.5 %
     assert abs(out.mean().item() - MU) < 0.02, out.mean().item()
     assert abs(out.std().item() / S - 1) < tol, out.std().item()
+
+
+def test_timesteps_are_uniform_integers_and_follow_the_generator() -> None:
+    diff = Diffusion("ddpm", "eps", num_train_timesteps=10)
+    t = diff.sample_timesteps(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.shape == (20000,) and int(t.min()) == 0 and int(t.max()) == 9
+    counts = torch.bincount(t, minlength=10).float() / 20000
+    assert (counts - 0.1).abs().max() < 4 * (0.1 * 0.9 / 20000) ** 0.5  # 4 binomial standard deviations
+    again = diff.sample_timesteps(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)
+
+
+def test_training_loss_is_reproducible_under_its_generator() -> None:
+    diff = Diffusion("ddpm", "v")
+    x0 = torch.randn(4, 2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    model = lambda x, t: 0.5 * x  # noqa: E731 - a fixed, imperfect predictor
+    first = diff.training_loss(model, x0, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert diff.training_loss(model, x0, generator=torch.Generator().manual_seed(0)).item() == first.item()
+    assert diff.training_loss(model, x0, generator=torch.Generator().manual_seed(1)).item() != first.item()
+
+
+def test_hparams_rebuild_the_same_process() -> None:
+    kw = {"process": "ddpm", "target": "x0", "num_train_timesteps": 300, "schedule": "linear_beta",
+          "sampler": "ddpm", "num_inference_steps": 7, "eta": 0.3}
+    diff = Diffusion(**kw)
+    assert diff.hparams() == kw
+    rebuilt = Diffusion(**diff.hparams())
+    torch.testing.assert_close(rebuilt.scheduler.alphas_cumprod, diff.scheduler.alphas_cumprod)
