@@ -127,8 +127,7 @@ class BiFlowNetModule(L.LightningModule):
 
     def trainable_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters of the trained network (adapters count as trainable under LoRA)."""
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.model.parameters())
+        return count_parameters(self.model, trainable_only=True), count_parameters(self.model)
 
     def save_adapter(self, adapter_dir: str | None = None) -> Path:
         """Write the EMA adapter with ``ddpm.lora.save_adapter`` (LoRA runs only); returns the folder."""
@@ -143,7 +142,7 @@ class BiFlowNetModule(L.LightningModule):
         return Path(save_adapter(
             self.ema_model, target, base_checkpoint=self.init_from, network=dict(self.hparams["network"]),
             settings=self.lora_settings, step=int(self.global_step),
-            extra={"trainable_fraction": trainable / total},
+            extra={"adapter_parameters": trainable, "total_parameters": total, "trainable_fraction": trainable / total},
         ))
 
     def on_train_end(self) -> None:
@@ -270,9 +269,9 @@ class BiFlowNetModule(L.LightningModule):
                                  "started on; resume with the original base checkpoint")
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``module``; with ``trainable_only`` only those with ``requires_grad``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 __all__ = ["BiFlowNetModule", "NonFiniteLossError", "count_parameters"]
