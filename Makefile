@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench mutate clean
 
 setup: $(STAMP)
 
@@ -28,5 +28,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) -m benchmarks.$$(basename $$f .py); done
 
+# Mutation testing of the core modules (quantiser, projection, diffusion, intensity, DRR, generation; see
+# [tool.mutmut] in pyproject.toml): each mutant runs only the tests that execute its function. Slow (hours on
+# 2 cores); not part of `make test`. One module: make mutate MUTANTS='ddpm.projection.*'
+MUTANTS ?=
+mutate: $(STAMP)
+	@rm -rf mutants
+	@OMP_NUM_THREADS=1 $(PY) -m mutmut run $(MUTANTS)
+	@$(PY) -m benchmarks.mutation_score
+
 clean:
-	rm -rf $(VENV) .pytest_cache outputs
+	rm -rf $(VENV) .pytest_cache outputs mutants

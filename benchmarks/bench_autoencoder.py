@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from AutoEncoder import PatchVolumeModule
 from benchmarks.common import measure
+from ddpm import count_parameters
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "autoencoder"
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "autoencoder", "preset": args.preset, "size": args.size, "batch": args.batch,
         "device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
-        "params_m": sum(p.numel() for p in ae.parameters()) / 1e6,
+        "params_m": count_parameters(ae) / 1e6,
         "latent_shape": list(z.shape[1:]),
         "encode": measure(encode, device, args.repeats),
         "decode": measure(decode, device, args.repeats),

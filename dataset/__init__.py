@@ -4,27 +4,21 @@ from dataset.dataset_info import DatasetInfo
 from dataset.drr import DRRGeometry, ViewGeometry, render_drr_pair
 from dataset.intensity import HUWindow
 from dataset.io import atomic_save_torch, atomic_write, atomic_write_json, load_xray, read_ct, write_nifti
+from dataset.lazy import lazy_exports
 from dataset.manifest import Manifest
 from dataset.paired_dataset import PairedDataset
 from dataset.phantom import chest_phantom
 from dataset.preprocess import Preprocessor
 from dataset.volume import image_to_volume, volume_to_image
 
-# the datamodules import Lightning (seconds); the CLIs in this package never need them, so load on use
-_LAZY = {"CTDataModule": "dataset.ct_datamodule", "PairedDataModule": "dataset.paired_datamodule"}
-# converters pull in pydicom / h5py, which training never needs
-_LAZY.update({"convert_dicom_folder": "dataset.convert_dicom", "read_dicom_series": "dataset.convert_dicom",
-              "convert_pt_dataset": "dataset.convert_pt", "convert_h5_point_clouds": "dataset.convert_h5_points",
-              "voxelize_points": "dataset.convert_h5_points", "volume_to_point_csv": "dataset.convert_volume_points",
-              "volume_to_points": "dataset.convert_volume_points"})
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dataset' has no attribute {name!r}")
+# the datamodules import Lightning (seconds), the converters pydicom / h5py; the CLIs in this package and
+# training never need all of them, so they load on first use
+__getattr__ = lazy_exports(__name__, {
+    "CTDataModule": "dataset.ct_datamodule", "PairedDataModule": "dataset.paired_datamodule",
+    "convert_dicom_folder": "dataset.convert_dicom", "read_dicom_series": "dataset.convert_dicom",
+    "convert_pt_dataset": "dataset.convert_pt", "convert_h5_point_clouds": "dataset.convert_h5_points",
+    "voxelize_points": "dataset.convert_h5_points", "volume_to_point_csv": "dataset.convert_volume_points",
+    "volume_to_points": "dataset.convert_volume_points"})
 
 
 __all__ = [

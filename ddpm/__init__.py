@@ -1,5 +1,7 @@
 """Latent diffusion: embeddings, DiT blocks, BiFlowNet, X-ray encoder, diffusion process, training module."""
 
+from dataset.lazy import lazy_exports
+
 from ddpm.biflownet import BiFlowNet
 from ddpm.biflownet_module import BiFlowNetModule, NonFiniteLossError, count_parameters
 from ddpm.diffusion import Diffusion, guided
@@ -10,16 +12,9 @@ from ddpm.projection import back_project, cone_beam_grids, footprint_mask, paral
 from ddpm.xray_encoder import XrayEncoder
 
 # ddpm.lora imports peft (and through it transformers, seconds of start-up), so its names load on first use.
-_LAZY = {name: "ddpm.lora" for name in ("LoraSettings", "apply_lora", "load_adapter", "save_adapter",
-                                        "check_adapter_fits", "read_adapter_meta", "weights_fingerprint")}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ddpm' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: "ddpm.lora" for name in (
+    "LoraSettings", "apply_lora", "load_adapter", "save_adapter", "check_adapter_fits", "read_adapter_meta",
+    "weights_fingerprint")})
 
 
 __all__ = [

@@ -74,6 +74,10 @@ class BiFlowNetModule(L.LightningModule):
         adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond={p_uncond} is invalid; expected a probability in [0, 1]")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay} is invalid; expected a value in [0, 1)")
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = BiFlowNet(**network)
         self.lora_settings = None
@@ -125,8 +129,7 @@ class BiFlowNetModule(L.LightningModule):
 
     def trainable_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters of the trained network (adapters count as trainable under LoRA)."""
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.model.parameters())
+        return count_parameters(self.model, trainable_only=True), count_parameters(self.model)
 
     def save_adapter(self, adapter_dir: str | None = None) -> Path:
         """Write the EMA adapter with ``ddpm.lora.save_adapter`` (LoRA runs only); returns the folder."""
@@ -141,7 +144,7 @@ class BiFlowNetModule(L.LightningModule):
         return Path(save_adapter(
             self.ema_model, target, base_checkpoint=self.init_from, network=dict(self.hparams["network"]),
             settings=self.lora_settings, step=int(self.global_step),
-            extra={"trainable_fraction": trainable / total},
+            extra={"adapter_parameters": trainable, "total_parameters": total, "trainable_fraction": trainable / total},
         ))
 
     def on_train_end(self) -> None:
@@ -189,9 +192,13 @@ class BiFlowNetModule(L.LightningModule):
         return self.normalize(z.float()), cond
 
     # --------------------------------------------------------------- training
+    def condition_dropout(self, batch_size: int, device: torch.device | str) -> torch.Tensor:
+        """(batch_size,) bool: True for each sample whose conditions are all dropped (probability ``p_uncond``)."""
+        return torch.rand(batch_size, device=device) < self.p_uncond
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         z, cond = self._unpack(batch)
-        drop = torch.rand(z.shape[0], device=z.device) < self.p_uncond
+        drop = self.condition_dropout(z.shape[0], z.device)
         loss = self.diffusion.training_loss(lambda x, t: self.model(x, t, drop=drop, **cond), z)
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if not finite:
@@ -264,9 +271,9 @@ class BiFlowNetModule(L.LightningModule):
                                  "started on; resume with the original base checkpoint")
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``module``; with ``trainable_only`` only those with ``requires_grad``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 __all__ = ["BiFlowNetModule", "NonFiniteLossError", "count_parameters"]

@@ -35,9 +35,10 @@ class Diffusion:
         num_train_timesteps: T; timesteps are integers in [0, T).
         schedule: MONAI beta schedule name for ``ddpm`` (``linear_beta``, ``scaled_linear_beta``,
             ``sigmoid_beta``, ``cosine``).
-        sampler: default sampler: ``"ddim"`` or ``"ddpm"`` for ``ddpm``; ``"rflow"`` for ``rflow``.
+        sampler: default sampler: ``"ddim"`` or ``"ddpm"`` (ancestral: DDIM with eta = 1) for ``ddpm``;
+            ``"rflow"`` for ``rflow``.
         num_inference_steps: default sampling steps.
-        eta: DDIM stochasticity (0 = deterministic).
+        eta: DDIM stochasticity (0 = deterministic); the ``"ddpm"`` sampler always uses 1.
     """
 
     def __init__(
@@ -161,10 +162,10 @@ class Diffusion:
         if sampler not in SAMPLERS[self.process]:
             raise ValueError(f"sampler={sampler!r} does not fit process={self.process!r}; expected {SAMPLERS[self.process]}")
         kw = dict(schedule=self.schedule, clip_sample=False, prediction_type=_MONAI_TARGET[self.target])
-        if sampler == "ddim":
+        if sampler in ("ddim", "ddpm"):
+            # MONAI's DDPMScheduler.step always steps t -> t-1, so with fewer inference than training steps it
+            # leaves most of the noise in; DDIM with eta = 1 is the DDPM posterior for any stride (see sample)
             return DDIMScheduler(self.num_train_timesteps, **kw)
-        if sampler == "ddpm":
-            return DDPMScheduler(self.num_train_timesteps, **kw)
         return RFlowScheduler(self.num_train_timesteps, use_discrete_timesteps=True)
 
     @torch.no_grad()
@@ -189,6 +190,7 @@ class Diffusion:
             (B, C, D, H, W) fp32 sample (normalised latent space).
         """
         steps = int(num_inference_steps or self.num_inference_steps)
+        sampler = sampler or self.sampler
         sched = self.make_sampler(sampler)
         sched.set_timesteps(steps, device=noise.device)
         timesteps = sched.timesteps
@@ -200,10 +202,9 @@ class Diffusion:
             if isinstance(sched, RFlowScheduler):
                 nxt = int(timesteps[i + 1]) if i + 1 < len(timesteps) else 0
                 x, _ = sched.step(pred, int(t), x, nxt)
-            elif isinstance(sched, DDIMScheduler):
-                x, _ = sched.step(pred, int(t), x, eta=self.eta, generator=generator)
             else:
-                x, _ = sched.step(pred, int(t), x, generator=generator)
+                eta = 1.0 if sampler == "ddpm" else self.eta  # ancestral sampling: the full posterior noise
+                x, _ = sched.step(pred, int(t), x, eta=eta, generator=generator)
         return x
 
 

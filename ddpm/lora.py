@@ -158,12 +158,6 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
     return get_peft_model(model, config)
 
 
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts of a (wrapped) model."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -231,7 +225,7 @@ def save_adapter(
         network: BiFlowNet keyword arguments of the base.
         settings: the LoRA settings used.
         step: training step the adapter comes from.
-        extra: more JSON-serialisable facts to record.
+        extra: more JSON-serialisable facts to record (the training module adds its parameter counts).
 
     Returns:
         The adapter folder.
@@ -241,8 +235,6 @@ def save_adapter(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model.save_pretrained(str(tmp))
-        trainable, total = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n), \
-            sum(p.numel() for p in model.parameters())
         meta = {
             "format": ADAPTER_FORMAT,
             "version": 1,
@@ -251,8 +243,6 @@ def save_adapter(
             "network": network,
             "lora": settings.to_dict(),
             "target_modules": _adapted_layers(model),
-            "adapter_parameters": trainable,
-            "total_parameters": total,
             "step": int(step),
             **(extra or {}),
         }
@@ -394,7 +384,6 @@ __all__ = [
     "iter_adapter_parameters",
     "load_adapter",
     "network_differences",
-    "parameter_counts",
     "read_adapter_meta",
     "resolve_target_modules",
     "save_adapter",

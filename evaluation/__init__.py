@@ -1,5 +1,7 @@
 """Generation CLIs, metrics (thin wrappers over ``monai.metrics``), MPR figures and the evaluation CLI."""
 
+from dataset.lazy import lazy_exports
+
 from evaluation.figures import mpr_figure, save_mpr_figure
 from evaluation.metrics import (
     check_finite,
@@ -19,15 +21,8 @@ from evaluation.metrics import (
 
 # evaluation.evaluate is also run as ``python -m evaluation.evaluate``; importing it here would make runpy
 # warn that the module was imported before being executed, so its names load on first use.
-_LAZY = {name: "evaluation.evaluate" for name in ("CasePair", "evaluate_pairs", "find_pairs", "write_results")}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'evaluation' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: "evaluation.evaluate" for name in (
+    "CasePair", "evaluate_pairs", "find_pairs", "write_results")})
 
 
 __all__ = [

@@ -13,13 +13,12 @@ import contextlib
 import os
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torchio as tio
 
 from AutoEncoder import PatchVolumeAutoencoder, load_autoencoder
-from dataset import DatasetInfo, HUWindow, volume_to_image
+from dataset import HUWindow, volume_to_image
 from ddpm import LoadedBiFlowNet, guided, load_biflownet
 
 SAMPLERS = ("ddim", "ddpm", "rflow")
@@ -198,9 +197,4 @@ def check_compatible(loaded: LoadedBiFlowNet, ae: PatchVolumeAutoencoder, ckpt: 
                          f"produces {ae.latent_channels}; use the autoencoder the latents were made with")
 
 
-def dataset_info_of(manifest: str | os.PathLike) -> DatasetInfo:
-    """The prepared dataset description stored next to ``manifest``."""
-    return DatasetInfo.load(Path(manifest).parent)
-
-
-__all__ = ["CTGenerator", "SAMPLERS", "check_compatible", "dataset_info_of", "default_device"]
+__all__ = ["CTGenerator", "SAMPLERS", "check_compatible", "default_device"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -32,8 +33,11 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return max(per_node, 1) * int(trainer_cfg.get("num_nodes", 1))
 
 
-def run(cfg: DictConfig) -> dict:
-    """Build datamodule, module, callbacks, loggers and trainer from ``cfg``; fit; report where things went."""
+def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
+    """Build datamodule, module, callbacks, loggers and trainer from ``cfg``; fit; report where things went.
+
+    ``callbacks`` are added to the configured ones (``train.tune`` passes its trial reporter here).
+    """
     L.seed_everything(int(cfg.seed), workers=True)
     world = world_size(cfg.trainer)
     if cfg.global_batch_size % world:
@@ -62,7 +66,7 @@ def run(cfg: DictConfig) -> dict:
         from ddpm.lora import describe_counts
 
         print(describe_counts(trainable, total), flush=True)
-    callbacks = instantiate_group(cfg, "callbacks")
+    callbacks = [*instantiate_group(cfg, "callbacks"), *callbacks]
     loggers = instantiate_group(cfg, "logger")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     checkpoint_dir = Path(cfg.callbacks.checkpoint.dirpath)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -18,8 +19,11 @@ from dataset import DatasetInfo
 from train.common import instantiate_group, resolve_ckpt_path
 
 
-def run(cfg: DictConfig) -> dict:
-    """Build datamodule, module, callbacks, loggers and trainer from ``cfg``; fit; report where things went."""
+def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
+    """Build datamodule, module, callbacks, loggers and trainer from ``cfg``; fit; report where things went.
+
+    ``callbacks`` are added to the configured ones (``train.tune`` passes its trial reporter here).
+    """
     L.seed_everything(int(cfg.seed), workers=True)
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
@@ -30,7 +34,7 @@ def run(cfg: DictConfig) -> dict:
 
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = hydra.utils.instantiate(cfg.module, dataset_info=info, _convert_="all")
-    callbacks = instantiate_group(cfg, "callbacks")
+    callbacks = [*instantiate_group(cfg, "callbacks"), *callbacks]
     loggers = instantiate_group(cfg, "logger")
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("strategy") == "ddp":

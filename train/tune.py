@@ -177,19 +177,6 @@ class TrialReporter(L.Callback):
         self.exception = exception
 
 
-# Reporters waiting to be picked up by Hydra: the trial's training config names this module's
-# `registered_reporter` as a callback, so entry points need no tuning-specific argument.
-_REPORTERS: dict[int, TrialReporter] = {}
-
-
-def registered_reporter(trial_number: int) -> TrialReporter:
-    """The reporter the running search registered for ``trial_number`` (Hydra ``_target_`` of the trial's callback)."""
-    if trial_number not in _REPORTERS:
-        raise ValueError(f"no optuna trial {trial_number} is running in this process; "
-                         "callbacks.optuna_reporter is only meant for `python -m train.tune`")
-    return _REPORTERS[trial_number]
-
-
 # ------------------------------------------------------------------------------- the search
 @dataclass
 class TuneJob:
@@ -353,14 +340,12 @@ def _objective(job: TuneJob, study: optuna.Study, trial: optuna.Trial) -> float:
     values = {p.path: p.suggest(trial) for p in job.params}
     trial.set_user_attr("overrides", values)
     overrides = [*job.train_overrides, *(f"{path}={override_value(v)}" for path, v in values.items()),
-                 f"run_name=trial_{n}", f"paths.output_dir={override_value(str(out_dir))}", "ckpt_path=null",
-                 "+callbacks.optuna_reporter._target_=train.tune.registered_reporter",
-                 f"+callbacks.optuna_reporter.trial_number={n}"]
+                 f"run_name=trial_{n}", f"paths.output_dir={override_value(str(out_dir))}", "ckpt_path=null"]
     cfg = _compose(job.config_name, overrides)
-    reporter = _REPORTERS[n] = TrialReporter(trial, job.metric)
+    reporter = TrialReporter(trial, job.metric)
     run = importlib.import_module(job.entry).run
     try:
-        result = run(cfg)
+        result = run(cfg, callbacks=[reporter])
     except optuna.TrialPruned:
         raise
     except NonFiniteLossError as e:
@@ -379,7 +364,6 @@ def _objective(job: TuneJob, study: optuna.Study, trial: optuna.Trial) -> float:
         requeue(study, trial, job.cfg.max_retry)
         raise
     finally:
-        _REPORTERS.pop(n, None)
         _close_wandb()
     if job.metric not in result["metrics"]:
         raise ValueError(f"metric {job.metric} was never logged by {job.entry} (logged: {sorted(result['metrics'])}); "
@@ -506,7 +490,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run from the importable module, whose reporter registry is the one Hydra's `_target_` lookup sees
-    from train.tune import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

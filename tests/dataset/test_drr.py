@@ -95,6 +95,9 @@ def test_geometry_dict_round_trip_and_bad_values() -> None:
         render_drr_pair(torch.zeros(2, 8, 8, 8), SPACING, g)
     with pytest.raises(ValueError, match="sid"):
         DRRGeometry.fit((100, 100, 100), (10.0, 10.0, 10.0), sid=300.0)
+    incomplete = {k: v for k, v in g.to_dict().items() if k != "pixel_spacing"}
+    with pytest.raises(ValueError, match=r"lacks \['pixel_spacing'\]"):
+        DRRGeometry.from_dict(incomplete)
 
 
 @pytest.mark.gpu

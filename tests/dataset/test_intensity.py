@@ -32,3 +32,9 @@ def test_dict_round_trip() -> None:
     assert HUWindow.from_dict(w.to_dict()) == w
     with pytest.raises(ValueError):
         HUWindow.from_dict({"hu_min": 0})
+
+
+def test_clip_keeps_the_window_on_both_sides() -> None:
+    w = HUWindow(-500, 700)
+    out = w.clip(torch.tensor([-3000, -500, 0, 700, 3000], dtype=torch.int16))
+    assert out.dtype == torch.float32 and out.tolist() == [-500.0, -500.0, 0.0, 700.0, 700.0]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
-import time
+from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,15 +102,20 @@ def test_trial_left_running_by_a_killed_worker_is_retried(latents: Path, tmp_pat
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "wandb_home",
                        "WANDB_CONFIG_DIR": tmp_path / "wandb_config", "WANDB_CACHE_DIR": tmp_path / "wandb_cache"}.items():
         monkeypatch.setenv(key, str(value))
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.db", heartbeat_interval=1, grace_period=1)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.db", heartbeat_interval=1, grace_period=60)
     study = optuna.create_study(study_name="s", storage=storage)
     killed = study.ask()
     for name, low, high in [("lr", 1e-5, 1e-3), ("weight_decay", 1e-6, 1e-2), ("grad_clip", 0.1, 10.0)]:
         killed.suggest_float(name, low, high, log=True)
     killed.suggest_float("p_uncond", 0.0, 0.3)
     storage.record_heartbeat(killed._trial_id)  # then the worker dies: no more beats, state stays RUNNING
-    time.sleep(2.2)
-    assert main(_args(latents, tmp_path, 2, "heartbeat_interval=1", "grace_period=1", "logger=wandb")) == 0
+    # ... an hour ago: its last beat is older than any grace period, with no waiting and no race
+    with closing(sqlite3.connect(tmp_path / "study.db")) as db, db:
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour') WHERE trial_id = ?",
+                   (killed._trial_id,))
+    storage.remove_session()
+    # a grace period far above the beat interval: the live trials' own heartbeats never look stale
+    assert main(_args(latents, tmp_path, 2, "heartbeat_interval=1", "grace_period=60", "logger=wandb")) == 0
     trials = _study(tmp_path).get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[1].params == killed.params and trials[1].user_attrs["retry_of"] == 0
@@ -182,7 +188,7 @@ def test_storage_under_a_file_is_not_writable(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_cli_runs_a_trial_and_prints_the_best(latents: Path, tmp_path: Path) -> None:
-    # `python -m train.tune` runs as __main__; its trials must still find their reporter through train.tune
+    # `python -m train.tune` runs as __main__; each trial gets its reporter through the entry point's run()
     proc = subprocess.run([sys.executable, "-m", "train.tune", *_args(latents, tmp_path, 1)], cwd=ROOT, capture_output=True,
                           encoding="utf-8", errors="replace", timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
