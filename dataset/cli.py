@@ -111,24 +111,26 @@ def exit_code_of(err: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def run_cli(prog: str, fn: Callable[[], int | None]) -> int:
+def run_cli(prog: str, fn: Callable[[], int | None], interrupted: str = "") -> int:
     """Run ``fn`` and map what it raises to one stderr line and an exit code (never a traceback).
 
     Args:
         prog: program name for messages (``python -m package.module``).
         fn: the work; returns an exit code or None (0).
+        interrupted: what to add to the Ctrl-C line (e.g. how to resume).
 
     Returns:
         The exit code.
     """
+    note = f"; {interrupted}" if interrupted else ""
     try:
         code = fn()
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted{note}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as e:
         if isinstance(e.__context__, KeyboardInterrupt):  # Lightning answers Ctrl-C with sys.exit(1)
-            print(f"\n{prog}: interrupted", file=sys.stderr)
+            print(f"\n{prog}: interrupted{note}", file=sys.stderr)
             return EXIT_INTERRUPTED
         raise
     except Exception as err:  # noqa: BLE001 - the one place that turns every error into an exit code
@@ -245,6 +247,20 @@ def quiet_libraries() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # optuna logs a failed trial with its traceback; after Ctrl-C that is noise (run_cli says it was interrupted)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _NoInterruptTraceback) for f in handler.filters):
+            handler.addFilter(_NoInterruptTraceback())
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Drop the traceback of log records about a KeyboardInterrupt (keep the one-line message)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, SystemExit)):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 __all__ = [
