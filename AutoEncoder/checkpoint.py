@@ -70,7 +70,7 @@ def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device =
         model = PatchVolumeAutoencoder(**config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: incompatible: its autoencoder hyper-parameters are invalid here ({err})") from None
-    load_state(model, autoencoder_state(ckpt), path, "autoencoder")
+    load_state(model, autoencoder_state(ckpt), path, "the autoencoder its hyper-parameters describe")
     model.requires_grad_(False)
     model.eval()
     return LoadedAutoencoder(model.to(map_location), config, hparams.get("dataset_info"), path, dict(hparams))

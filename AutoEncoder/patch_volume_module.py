@@ -54,7 +54,7 @@ def load_stage1_weights(autoencoder: PatchVolumeAutoencoder, path: str) -> None:
     from dataset.checkpoint import load_state, read_checkpoint
 
     ckpt = read_checkpoint(path, "autoencoder")
-    load_state(autoencoder, autoencoder_state(ckpt), f"resume_from_checkpoint={path}", "autoencoder config of this run")
+    load_state(autoencoder, autoencoder_state(ckpt), f"resume_from_checkpoint={path}", "the autoencoder config of this run")
 
 
 class PatchVolumeModule(L.LightningModule):

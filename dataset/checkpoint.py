@@ -177,8 +177,7 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: str |
     if missing or unexpected or shapes:
         parts = [f"{len(v)} {name} (e.g. {v[0]})" for name, v in
                  (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
-        raise CheckpointError(f"{path}: incompatible: its weights do not fit the {what} its hyper-parameters "
-                              f"describe ({'; '.join(parts)} tensors)")
+        raise CheckpointError(f"{path}: incompatible: its weights do not fit {what} ({'; '.join(parts)} tensors)")
     module.load_state_dict(dict(state), strict=True)
 
 

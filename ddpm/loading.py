@@ -92,7 +92,7 @@ def load_biflownet(
                                   f"({str(err).strip().splitlines()[0]})") from None
         model = wrapped.merge_and_unload()
     else:
-        load_state(model, state, path, "BiFlowNet")
+        load_state(model, state, path, "the BiFlowNet its hyper-parameters describe")
     model.to(map_location).eval().requires_grad_(False)
     if adapter is not None:
         from ddpm.lora import load_adapter
