@@ -153,13 +153,31 @@ class TaskExit(SystemExit):
 _HYDRA: dict[str, Any] = {}
 
 
-def hydra_task(prog: str, fn: Callable[[], int | None]) -> NoReturn:
+def hydra_task(prog: str, fn: Callable[[], int | None], output_dir: str | os.PathLike | None = None) -> NoReturn:
     """Body of a ``@hydra.main`` function: run ``fn`` through :func:`run_cli` and exit with its code.
 
     Also hands stderr back to the program (:func:`hydra_entry` holds it while Hydra composes the config).
+
+    Args:
+        prog: program name for messages.
+        fn: the work.
+        output_dir: the run folder Hydra created; removed again when the run fails and wrote no file into it.
     """
     _release_stderr()
-    raise TaskExit(run_cli(prog, fn))
+    code = run_cli(prog, fn)
+    if code != EXIT_OK and output_dir is not None:
+        _remove_if_empty(output_dir)
+    raise TaskExit(code)
+
+
+def _remove_if_empty(folder: str | os.PathLike) -> None:
+    """Remove ``folder`` (and its sub-folders) if no file lies anywhere inside."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _release_stderr() -> None:
@@ -247,20 +265,17 @@ def quiet_libraries() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # optuna logs a failed trial with its traceback; after Ctrl-C that is noise (run_cli says it was interrupted)
+    # optuna logs an interrupted trial as failed, with its traceback: noise after Ctrl-C (run_cli says so)
     for handler in logging.getLogger("optuna").handlers:
         if not any(isinstance(f, _NoInterruptTraceback) for f in handler.filters):
             handler.addFilter(_NoInterruptTraceback())
 
 
 class _NoInterruptTraceback(logging.Filter):
-    """Drop the traceback of log records about a KeyboardInterrupt (keep the one-line message)."""
+    """Drop log records that report a Ctrl-C with its traceback (the program says it was interrupted)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, SystemExit)):
-            record.exc_info = None
-            record.exc_text = None
-        return True
+        return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, SystemExit)))
 
 
 __all__ = [

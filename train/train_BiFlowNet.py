@@ -17,10 +17,12 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dataset.cli import hydra_entry, hydra_task, quiet_libraries
+from dataset.latents import check_latent_origin
+from dataset.manifest import Manifest
 from ddpm.loading import read_network_config
 from ddpm.preflight import check_training_inputs, read_latent_stats
 from train.common import (ProgressReport, RunState, build_trainer, check_resume, configure_threads, data_identity,
-                          instantiate, instantiate_group, resolve_ckpt_path)
+                          instantiate, instantiate_group, resolve_ckpt_path, save_run_config)
 
 PROG = "python -m train.train_BiFlowNet"
 
@@ -45,7 +47,8 @@ def per_rank_batch(global_batch: int, world: int, n_train: int, drop_last: bool,
         ValueError: fewer training subjects than ranks, or a global batch not divisible by the ranks.
     """
     if global_batch < 1 or global_batch % world:
-        raise ValueError(f"global_batch_size={global_batch} is not a positive multiple of the world size {world}")
+        raise ValueError(f"global_batch_size={global_batch} is not divisible by the world size {world}; expected a "
+                         "positive multiple of it")
     if n_train < world:
         raise ValueError(f"{manifest}: {n_train} training subjects for {world} ranks (global_batch_size="
                          f"{global_batch}); every rank needs at least one subject")
@@ -72,8 +75,10 @@ def run(cfg: DictConfig) -> dict:
             cfg.network = base_net
     net = cfg.network
     xray_size = net.xray.image_size if net.get("xray") else None
+    check_training_inputs(cfg.data.manifest, net.in_channels, net.latent_shape, xray_size)
     stats = read_latent_stats(cfg.latent_stats) if cfg.latent_stats else None
-    check_training_inputs(cfg.data.manifest, net.in_channels, net.latent_shape, xray_size, stats, cfg.latent_stats)
+    if stats is not None:  # every latent must come from the autoencoder the statistics name
+        check_latent_origin(Manifest.load(cfg.data.manifest, check_files=False).frame["latent"], stats, cfg.latent_stats)
     identity = data_identity(cfg.data.manifest, {"latent_autoencoder": stats.ae_fingerprint if stats else None})
     batch = per_rank_batch(int(cfg.global_batch_size), world, identity["train_subjects"],
                            bool(cfg.data.get("drop_last", False)), cfg.data.manifest)
@@ -96,6 +101,8 @@ def run(cfg: DictConfig) -> dict:
         print(describe_counts(trainable, total), flush=True)
     callbacks = [*instantiate_group(cfg, "callbacks"), RunState(identity, int(cfg.seed)), ProgressReport(checkpoint_dir)]
     trainer = build_trainer(cfg.trainer, callbacks, instantiate_group(cfg, "logger"))
+    if trainer.is_global_zero:
+        save_run_config(cfg, cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {
         "global_step": trainer.global_step,
@@ -112,7 +119,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper: bad input -> one line on stderr, exit 2; non-finite loss -> exit 3; Ctrl-C -> 130."""
     quiet_libraries()
-    hydra_task(PROG, lambda: run(cfg) and None)
+    hydra_task(PROG, lambda: run(cfg) and None, output_dir=cfg.paths.output_dir)
 
 
 if __name__ == "__main__":

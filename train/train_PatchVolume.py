@@ -17,7 +17,7 @@ from dataset import DatasetInfo
 from dataset.checkpoint import read_checkpoint
 from dataset.cli import hydra_entry, hydra_task, quiet_libraries
 from train.common import (ProgressReport, RunState, build_trainer, check_resume, configure_threads, data_identity,
-                          instantiate, instantiate_group, resolve_ckpt_path)
+                          instantiate, instantiate_group, resolve_ckpt_path, save_run_config)
 
 PROG = "python -m train.train_PatchVolume"
 
@@ -56,6 +56,8 @@ def run(cfg: DictConfig) -> dict:
         # G and D are stepped by separate backward passes, each leaving the other network's parameters unused
         trainer_cfg["strategy"] = "ddp_find_unused_parameters_true"
     trainer = build_trainer(trainer_cfg, callbacks, instantiate_group(cfg, "logger"))
+    if trainer.is_global_zero:
+        save_run_config(cfg, cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {
         "global_step": trainer.global_step,
@@ -70,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper: bad input -> one line on stderr, exit 2; Ctrl-C -> 130."""
     quiet_libraries()
-    hydra_task(PROG, lambda: run(cfg) and None)
+    hydra_task(PROG, lambda: run(cfg) and None, output_dir=cfg.paths.output_dir)
 
 
 if __name__ == "__main__":
