@@ -34,7 +34,8 @@ class CheckpointError(ValueError):
 
 
 def _a(noun: str) -> str:
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+    vowel_sound = noun[:1].lower() in "aeiou" or noun.startswith("X-")
+    return f"{'an' if vowel_sound else 'a'} {noun}"
 
 
 def _describe_load_error(path: Path, err: BaseException, what: str) -> str:

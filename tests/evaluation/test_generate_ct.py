@@ -238,7 +238,7 @@ def _one_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("option, value, needle", [
-    ("--guidance-scale", "nan", "argument --guidance-scale: 'nan' is not a finite number"),
+    ("--guidance-scale", "nan", "argument --guidance-scale/--guidance_scale: 'nan' is not a finite number"),
     ("--guidance-scale", "-1", "argument --guidance-scale"),
     ("--num-inference-steps", "0", "argument --num-inference-steps"),
     ("--num-samples", "inf", "argument --num-samples"),
