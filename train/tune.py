@@ -334,7 +334,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, max_retry: i
         print(f"tune: trial {trial.number} failed on attempt {attempt}; not retried (max_retry={max_retry})", file=sys.stderr)
         return
     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "attempt": attempt + 1})
-    print(f"tune: trial {trial.number} did not finish; its parameters are queued again", file=sys.stderr)
+    print(f"tune: trial {trial.number} did not finish; its parameters are queued again", flush=True)
 
 
 def _close_wandb() -> None:
