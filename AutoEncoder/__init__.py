@@ -2,7 +2,7 @@
 losses and training module. Public names are re-exported here (``from AutoEncoder import PatchVolumeAutoencoder``)."""
 
 from AutoEncoder.adversarial import adaptive_weight, build_discriminator, hinge_d_loss, hinge_g_loss
-from AutoEncoder.checkpoint import load_autoencoder, read_checkpoint, store_latent_stats
+from AutoEncoder.checkpoint import LoadedAutoencoder, load_autoencoder
 from AutoEncoder.decoder import Decoder
 from AutoEncoder.encoder import Encoder
 from AutoEncoder.gaussian_bottleneck import GaussianBottleneck, GaussianOutput
@@ -17,6 +17,7 @@ __all__ = [
     "AutoencoderOutput",
     "GaussianBottleneck",
     "GaussianOutput",
+    "LoadedAutoencoder",
     "MedicalNetFeatures",
     "PatchVolumeModule",
     "PerceptualLoss",
@@ -26,8 +27,6 @@ __all__ = [
     "hinge_g_loss",
     "load_autoencoder",
     "load_medicalnet",
-    "read_checkpoint",
-    "store_latent_stats",
     "Decoder",
     "Encoder",
     "PatchVolumeAutoencoder",

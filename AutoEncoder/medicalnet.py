@@ -20,9 +20,10 @@ WEIGHT_FILE_NAMES = ("resnet_10_23dataset.pth", "resnet_10_23dataset.pt", "medic
 
 HOW_TO_PROVIDE = (
     "download MedicalNet's resnet_10_23dataset.pth (github.com/Tencent/MedicalNet, or the MONAI "
-    "'medicalnet_resnet10_23datasets' hub model) on a machine with internet access, then either pass its path "
-    "(autoencoder loss option perceptual.weights_path=/path/resnet_10_23dataset.pth) or copy it to "
-    "$TORCH_HOME/hub/checkpoints/resnet_10_23dataset.pth; or set the perceptual weight to 0"
+    "'medicalnet_resnet10_23datasets' hub model) on a machine with internet access and pass its path "
+    "(train_PatchVolume: loss.perceptual.weights_path=/path/resnet_10_23dataset.pth; evaluate: "
+    "--medicalnet-weights PATH) or copy it to $TORCH_HOME/hub/checkpoints/resnet_10_23dataset.pth; "
+    "or train without the perceptual loss: loss.perceptual_weight=0"
 )
 
 
@@ -117,8 +118,10 @@ def load_medicalnet(weights_path: str | os.PathLike | None = None, map_location:
         FileNotFoundError: no weights found (the message says how to provide them).
         ValueError: the file does not hold MedicalNet ResNet-10 weights.
     """
+    from dataset.checkpoint import load_torch_file  # lazy: the feature network alone needs no dataset code
+
     path = find_medicalnet_weights(weights_path)
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = load_torch_file(path, "MedicalNet ResNet-10 weight file (resnet_10_23dataset.pth)", map_location)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

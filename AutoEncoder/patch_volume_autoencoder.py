@@ -122,8 +122,6 @@ class PatchVolumeAutoencoder(nn.Module):
         self.decoder = Decoder(in_channels, channels, embedding_dim, num_res_blocks, attention_heads, num_groups)
         self.quantizer = VectorQuantizer(n_codes, embedding_dim, **(codebook or {})) if bottleneck == "vq" else None
         self.gaussian = GaussianBottleneck(embedding_dim) if bottleneck == "kl" else None
-        self.register_buffer("latent_mean", torch.zeros(embedding_dim))
-        self.register_buffer("latent_std", torch.ones(embedding_dim))
         self.encoder_frozen = False
         # NDHWC conv weights (activations follow): conv3d backward is ~10x faster on CPU (oneDNN) and the
         # layout suits cuDNN; set here so training, loading and inference all compute in one layout
@@ -188,7 +186,7 @@ class PatchVolumeAutoencoder(nn.Module):
         """Volume-wise decoding (sliding with blending when the latent exceeds ``decode_window``).
 
         Args:
-            z: ``(B, latent_channels, d, h, w)`` un-normalised latent (see :meth:`denormalize_latent`).
+            z: ``(B, latent_channels, d, h, w)`` raw (un-normalised) latent, as :meth:`encode` returns it.
             quantize: snap ``z`` to the codebook first (ignored in continuous mode).
 
         Returns:
@@ -214,24 +212,6 @@ class PatchVolumeAutoencoder(nn.Module):
         else:
             zq, commit, _, perplexity, usage = self.quantizer(z)
         return AutoencoderOutput(self.decode(zq, quantize=False), zq, commit, perplexity, usage, kl)
-
-    # ------------------------------------------------------------------------------ latent normalisation
-    def set_latent_stats(self, mean: float | Sequence[float] | torch.Tensor, std: float | Sequence[float] | torch.Tensor) -> None:
-        """Set the per-channel latent statistics (a scalar applies to every channel); saved with the weights."""
-        m = torch.as_tensor(mean, dtype=torch.float32).expand(self.latent_channels).clone()
-        s = torch.as_tensor(std, dtype=torch.float32).expand(self.latent_channels).clone()
-        if not torch.all(s > 0):
-            raise ValueError(f"latent std must be positive, got {s.tolist()}")
-        self.latent_mean.copy_(m)
-        self.latent_std.copy_(s)
-
-    def normalize_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """``(z - mean) / std`` per channel, for ``(B, C, d, h, w)`` latents (what diffusion models see)."""
-        return (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
-
-    def denormalize_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`normalize_latent`."""
-        return z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
 
     # ---------------------------------------------------------------------------------------- stage two
     def freeze_encoder(self) -> None:

@@ -50,14 +50,11 @@ def mpr_grid(volume: torch.Tensor) -> torch.Tensor:
 
 def load_stage1_weights(autoencoder: PatchVolumeAutoencoder, path: str) -> None:
     """Copy the autoencoder weights (codebook included) of a stage-1 Lightning checkpoint into ``autoencoder``."""
-    from AutoEncoder.checkpoint import read_checkpoint
+    from AutoEncoder.checkpoint import autoencoder_state
+    from dataset.checkpoint import load_state, read_checkpoint
 
-    ckpt = read_checkpoint(path)
-    state = {k.removeprefix("autoencoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("autoencoder.")}
-    try:
-        autoencoder.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"stage-1 checkpoint {path} does not match the autoencoder config: {err}") from None
+    ckpt = read_checkpoint(path, "autoencoder")
+    load_state(autoencoder, autoencoder_state(ckpt), f"resume_from_checkpoint={path}", "the autoencoder config of this run")
 
 
 class PatchVolumeModule(L.LightningModule):
@@ -141,6 +138,10 @@ class PatchVolumeModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put this module's perceptual weights back so strict loading still checks everything else."""
+        from AutoEncoder.checkpoint import LEGACY_KEYS
+
+        for key in LEGACY_KEYS:  # older checkpoints carried the latent statistics as buffers
+            checkpoint["state_dict"].pop(f"autoencoder.{key}", None)
         checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith("perceptual.")})
 
     def setup(self, stage: str) -> None:

@@ -15,7 +15,8 @@ from AutoEncoder.medicalnet import load_medicalnet
 TRIPLANE_HOW_TO = (
     "the tri-plane perceptual loss needs torchvision ResNet-50 ImageNet weights as a local file: download "
     "resnet50-11ad3fa6.pth (torchvision ResNet50_Weights.DEFAULT) on a machine with internet access and pass "
-    "perceptual.triplane_weights_path=/path/to/it or copy it to $TORCH_HOME/hub/checkpoints/; or use mode=3d"
+    "loss.perceptual.triplane_weights_path=/path/to/it or copy it to $TORCH_HOME/hub/checkpoints/; or use "
+    "loss.perceptual.mode=3d"
 )
 
 

@@ -10,8 +10,8 @@ the peak so far); tracemalloc is not used because tensors live outside the Pytho
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,19 +20,20 @@ from omegaconf import OmegaConf
 from AutoEncoder import PatchVolumeModule
 from benchmarks.common import measure
 from ddpm import count_parameters
+from dataset.cli import OneLineParser, number, run_cli
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "autoencoder"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=64, help="cubic volume edge (voxels)")
+    p = OneLineParser(prog="python -m benchmarks.bench_autoencoder", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=number(int, min=1), default=64, help="cubic volume edge (voxels)")
     p.add_argument("--preset", default="tiny", help="config/autoencoder/<preset>.yaml")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=number(int, min=1), default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--repeats", type=number(int, min=1), default=3)
+    p.add_argument("--threads", type=number(int, min=0), default=0, help="CPU threads (0: torch default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,4 +85,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli("python -m benchmarks.bench_autoencoder", lambda: main() and None))

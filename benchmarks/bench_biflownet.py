@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from dataset.cli import OneLineParser, number, run_cli
 from ddpm import BiFlowNet, BiFlowNetModule, Diffusion, count_parameters
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "diffusion"
@@ -132,7 +133,7 @@ def conditioning_study(data: Path, steps: int, batch: int, seed: int) -> dict:
         torch.manual_seed(seed)
         net_cfg = {**preset("tiny"), **kw, "in_channels": shape[0], "latent_shape": shape[1:]}
         net_cfg["xray"] = {**net_cfg["xray"], "image_size": xray_hw}
-        module = BiFlowNetModule(net_cfg, {"process": "ddpm", "target": "v"}, latent_stats=stats, p_uncond=0.1)
+        module = BiFlowNetModule(net_cfg, {"process": "ddpm", "target": "v"}, latent_stats=stats.to_dict(), p_uncond=0.1)
         net, diff = module.model, module.diffusion
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(seed)
@@ -176,20 +177,22 @@ def conditioning_study(data: Path, steps: int, batch: int, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m benchmarks.bench_biflownet", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=PRESETS)
-    p.add_argument("--latent-size", type=int, default=None, help="cubic latent edge (default: the preset's)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--latent-size", type=number(int, min=1), default=None, help="cubic latent edge (default: the preset's)")
+    p.add_argument("--batch", type=number(int, min=1), default=2)
+    p.add_argument("--steps", type=number(int, min=1), default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=number(int, min=0), default=None, help="CPU threads (default: torch's)")
     p.add_argument("--study", choices=["conditioning"], default=None)
     p.add_argument("--data", type=Path, default=None, help="prepared dataset folder with latents (--study)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, min=0), default=0)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
+
+    def work() -> None:
         if a.study == "conditioning":
             if a.data is None:
                 raise ValueError("--study conditioning needs --data (a prepared dataset folder with latents)")
@@ -197,11 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = {"benchmark": "biflownet_train_step", **step_benchmark(a.preset, a.latent_size, a.batch, a.steps, a.device),
                    "parameter_counts": parameter_counts()}
-    except (ValueError, FileNotFoundError) as e:
-        print(f"bench_biflownet: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out))
-    return 0
+        print(json.dumps(out))
+
+    return run_cli(p.prog, work)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ latent grid set by ``--size`` and the autoencoder's downsampling. Prints one JSO
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from AutoEncoder import PatchVolumeAutoencoder
 from benchmarks.common import environment, measure
 from dataset import HUWindow
+from dataset.cli import OneLineParser, number, run_cli
 from ddpm import BiFlowNet, Diffusion, LoadedBiFlowNet, parallel_projection_grids
 from evaluation.generation import SAMPLERS, CTGenerator
 
@@ -52,19 +53,19 @@ def build(size: int, ae_preset: str, network: str, xray_size: int, sampler: str,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=64, help="cubic CT edge (voxels)")
+    p = OneLineParser(prog="python -m benchmarks.bench_generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=number(int, min=1), default=64, help="cubic CT edge (voxels)")
     p.add_argument("--ae-preset", default="tiny", help="config/autoencoder/<preset>.yaml")
     p.add_argument("--network", default="tiny", help="config/diffusion/network/<preset>.yaml")
-    p.add_argument("--xray-size", type=int, default=None, help="X-ray edge in pixels (default --size)")
+    p.add_argument("--xray-size", type=number(int, min=1), default=None, help="X-ray edge in pixels (default --size)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--steps", type=number(int, min=1), default=25, help="denoising steps")
+    p.add_argument("--num-samples", type=number(int, min=1), default=1)
+    p.add_argument("--guidance-scale", type=number(float, min=0), default=1.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default bf16 on CUDA")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--repeats", type=number(int, min=1), default=2)
+    p.add_argument("--threads", type=number(int, min=0), default=0, help="CPU threads (0: torch default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,4 +86,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli("python -m benchmarks.bench_generate", lambda: main() and None))

@@ -5,20 +5,28 @@ Checkpoints and tensor files are data, never code: everything is read with
 :func:`load_torch_file` reads any tensor file (latents, ``.pt`` X-rays and CTs);
 :func:`read_checkpoint` reads a Lightning checkpoint and checks which kind it is
 (:data:`CHECKPOINT_KINDS`): an autoencoder (``train.train_PatchVolume``) or a BiFlowNet
-(``train.train_BiFlowNet``).
+(``train.train_BiFlowNet``). LoRA adapters are folders (:func:`check_adapter_dir`) whose weights are
+safetensors (:func:`read_safetensors`). :func:`load_state` loads weights into a network with a one-line
+"incompatible" error, and :func:`state_fingerprint` identifies a network by its weights and config.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 #: What :func:`checkpoint_kind` can tell apart, and the entry point that writes each.
 CHECKPOINT_KINDS = {"autoencoder": "python -m train.train_PatchVolume", "biflownet": "python -m train.train_BiFlowNet"}
 _ZIP_MAGIC = b"PK\x03\x04"
+ADAPTER_MARKER = "biflownet_adapter.json"  # the file that makes a folder a LoRA adapter (ddpm.lora)
+ADAPTER_WHAT = "LoRA adapter folder (<run>/adapter of experiment=biflownet_lora)"
 
 
 class CheckpointError(ValueError):
@@ -26,7 +34,8 @@ class CheckpointError(ValueError):
 
 
 def _a(noun: str) -> str:
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+    vowel_sound = noun[:1].lower() in "aeiou" or noun.startswith("X-")
+    return f"{'an' if vowel_sound else 'a'} {noun}"
 
 
 def _describe_load_error(path: Path, err: BaseException, what: str) -> str:
@@ -59,6 +68,8 @@ def load_torch_file(path: str | os.PathLike, what: str = "torch tensor file",
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; expected {_a(what)}")
     if path.is_dir():
+        if (path / ADAPTER_MARKER).is_file():
+            raise CheckpointError(f"{path}: is a LoRA adapter folder; expected {_a(what)} (pass an adapter with --adapter)")
         raise CheckpointError(f"{path}: is a folder; expected {_a(what)}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: is empty; expected {_a(what)}")
@@ -115,4 +126,80 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None, map_locati
     return ckpt
 
 
-__all__ = ["CHECKPOINT_KINDS", "CheckpointError", "checkpoint_kind", "load_torch_file", "read_checkpoint"]
+def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is a LoRA adapter folder (it holds ``biflownet_adapter.json``), naming what it is otherwise.
+
+    Raises:
+        FileNotFoundError: no such folder.
+        CheckpointError: a checkpoint or other file, or a folder without the adapter files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such folder; expected {_a(ADAPTER_WHAT)}")
+    if path.is_file():
+        try:
+            kind = checkpoint_kind(load_torch_file(path, "checkpoint", mmap=True))
+        except (CheckpointError, OSError):
+            kind = None
+        found = f"is {_a(kind)} checkpoint" if kind else "is a file"
+        raise CheckpointError(f"{path}: {found}; expected {_a(ADAPTER_WHAT)}")
+    if not (path / ADAPTER_MARKER).is_file():
+        raise CheckpointError(f"{path}: has no {ADAPTER_MARKER}; expected {_a(ADAPTER_WHAT)}")
+    return path
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with one-line errors (missing, empty, truncated or not safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; expected {_a(what)}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: is empty; expected {_a(what)}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: truncated or not a safetensors file ({one_line_error(err)}); "
+                              f"expected {_a(what)}") from None
+
+
+def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` with a one-line "incompatible" error naming ``path``.
+
+    Raises:
+        CheckpointError: missing, unexpected or differently shaped weights.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {name} (e.g. {v[0]})" for name, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
+        raise CheckpointError(f"{path}: incompatible: its weights do not fit {what} ({'; '.join(parts)} tensors)")
+    module.load_state_dict(dict(state), strict=True)
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor], config: Any = None) -> str:
+    """SHA-256 over a JSON-able ``config`` and the names, shapes, dtypes and bytes of ``state``'s tensors.
+
+    Two networks with the same fingerprint compute the same function; one changed weight changes it.
+    """
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def one_line_error(err: BaseException) -> str:
+    """``Type: first line`` of a library error."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+__all__ = ["ADAPTER_MARKER", "CHECKPOINT_KINDS", "CheckpointError", "check_adapter_dir", "checkpoint_kind",
+           "load_state", "load_torch_file", "read_checkpoint", "read_safetensors", "state_fingerprint"]

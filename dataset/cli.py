@@ -11,12 +11,17 @@ Exit codes (also in CLAUDE.md):
 
 Errors carry their own code by an ``exit_code`` class attribute (see
 ``ddpm.biflownet_module.NonFiniteLossError``); ``ValueError`` / ``FileNotFoundError`` /
-``FileExistsError`` / ``NotADirectoryError`` / ``IsADirectoryError`` are bad input.
+``FileExistsError`` / ``NotADirectoryError`` / ``IsADirectoryError`` and Hydra / OmegaConf config errors
+(a missing ``???`` value, an unknown key) are bad input.
+
+Hydra entry points end as ``hydra_entry(main, prog)`` around a ``@hydra.main`` function whose body is
+``hydra_task(prog, lambda: run(cfg))``: Hydra's own errors (a bad override) become one line and exit 2 too.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import os
@@ -90,6 +95,10 @@ def check_range(value: float, name: str, min: float | None = None, max: float | 
     return value
 
 
+def _is_config_error(err: BaseException) -> bool:
+    return any(c.__module__.split(".")[0] in ("omegaconf", "hydra") for c in type(err).__mro__[:-2])
+
+
 def exit_code_of(err: BaseException) -> int:
     """The exit code an exception maps to (see the module docstring)."""
     if isinstance(err, KeyboardInterrupt):
@@ -97,27 +106,32 @@ def exit_code_of(err: BaseException) -> int:
     code = getattr(err, "exit_code", None)
     if isinstance(code, int):
         return code
-    if isinstance(err, BAD_INPUT):
+    if isinstance(err, BAD_INPUT) or _is_config_error(err):
         return EXIT_BAD_INPUT
     return EXIT_INTERNAL
 
 
-def run_cli(prog: str, fn: Callable[[], int | None]) -> int:
+def run_cli(prog: str, fn: Callable[[], int | None], interrupted: str = "") -> int:
     """Run ``fn`` and map what it raises to one stderr line and an exit code (never a traceback).
 
     Args:
         prog: program name for messages (``python -m package.module``).
         fn: the work; returns an exit code or None (0).
+        interrupted: what to add to the Ctrl-C line (e.g. how to resume).
 
     Returns:
         The exit code.
     """
+    note = f"; {interrupted}" if interrupted else ""
     try:
         code = fn()
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted{note}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except SystemExit:
+    except SystemExit as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Lightning answers Ctrl-C with sys.exit(1)
+            print(f"\n{prog}: interrupted{note}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         raise
     except Exception as err:  # noqa: BLE001 - the one place that turns every error into an exit code
         code = exit_code_of(err)
@@ -132,26 +146,93 @@ def run_cli(prog: str, fn: Callable[[], int | None]) -> int:
     return EXIT_OK if code is None else int(code)
 
 
-def hydra_entry(main: Callable[[], Any]) -> NoReturn:
-    """Call a ``@hydra.main`` function and exit; Hydra's own errors (bad overrides) exit 2, not 1.
+class TaskExit(SystemExit):
+    """The exit of a Hydra task function (its code is final; see :func:`hydra_entry`)."""
 
-    The wrapped function maps its own errors with :func:`run_cli` and calls ``sys.exit``; Hydra exits
-    with 1 only for problems in the command line or config composition, which are bad input.
+
+_HYDRA: dict[str, Any] = {}
+
+
+def hydra_task(prog: str, fn: Callable[[], int | None], output_dir: str | os.PathLike | None = None) -> NoReturn:
+    """Body of a ``@hydra.main`` function: run ``fn`` through :func:`run_cli` and exit with its code.
+
+    Also hands stderr back to the program (:func:`hydra_entry` holds it while Hydra composes the config).
+
+    Args:
+        prog: program name for messages.
+        fn: the work.
+        output_dir: the run folder Hydra created; removed again when the run fails and wrote no file into it.
     """
+    _release_stderr()
+    code = run_cli(prog, fn)
+    if code != EXIT_OK and output_dir is not None:
+        _remove_if_empty(output_dir)
+    raise TaskExit(code)
+
+
+def _remove_if_empty(folder: str | os.PathLike) -> None:
+    """Remove ``folder`` (and its sub-folders) if no file lies anywhere inside."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _release_stderr() -> None:
+    held = _HYDRA.pop("held", None)
+    if held is not None:
+        real, buffer = held
+        sys.stderr = real
+        sys.stderr.write(buffer.getvalue())
+
+
+def _fold_hydra_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+    return " ".join(lines) or "invalid command line or configuration"
+
+
+def hydra_entry(main: Callable[[], Any], prog: str = "") -> NoReturn:
+    """Call a ``@hydra.main`` function and exit; Hydra's own errors (bad overrides) are one line, exit 2.
+
+    Until the task function starts (:func:`hydra_task`), stderr is held back, so a composition error that
+    Hydra prints over several lines becomes ``prog: error: ...`` on one line; Ctrl-C exits 130.
+    """
+    buffer = io.StringIO()
+    _HYDRA["held"] = (sys.stderr, buffer)
+    real = sys.stderr
+    sys.stderr = buffer
     try:
         main()
+    except TaskExit as e:
+        sys.exit(e.code)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_INTERNAL)
-        sys.exit(EXIT_BAD_INPUT if code == EXIT_INTERNAL else code)
+        held = "held" in _HYDRA
+        sys.stderr = real
+        _HYDRA.pop("held", None)
+        if held and code != EXIT_OK:
+            print(f"{prog or 'hydra'}: error: {_fold_hydra_error(buffer.getvalue())}", file=real)
+            sys.exit(EXIT_BAD_INPUT)
+        if held:
+            real.write(buffer.getvalue())
+        sys.exit(code)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        _release_stderr()
+        print(f"\n{prog or 'hydra'}: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        if sys.stderr is buffer:
+            sys.stderr = real
+    _release_stderr()
     sys.exit(EXIT_OK)
 
 
 _NOISY_MESSAGES = (
     r".*does not have many workers.*",
     r".*modules? in eval mode.*",
+    r".*module\(s\) in eval mode.*",
     r".*treespec.*",
     r".*litlogger.*",
     r".*litmodels.*",
@@ -164,6 +245,10 @@ _NOISY_MESSAGES = (
     r".*You are using a CUDA device.*Tensor Cores.*",
     r".*GPU available but not used.*",
     r".*sync_dist=True.*",
+    r".*Using ModelCheckpoint with manual optimization.*",
+    r".*Your `IterableDataset` has `__len__` defined.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*lr_scheduler.step\(\)` before `optimizer.step\(\)`.*",
 )
 
 
@@ -180,9 +265,20 @@ def quiet_libraries() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # optuna logs an interrupted trial as failed, with its traceback: noise after Ctrl-C (run_cli says so)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _NoInterruptTraceback) for f in handler.filters):
+            handler.addFilter(_NoInterruptTraceback())
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Drop log records that report a Ctrl-C with its traceback (the program says it was interrupted)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, SystemExit)))
 
 
 __all__ = [
     "BAD_INPUT", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK",
-    "OneLineParser", "check_range", "exit_code_of", "hydra_entry", "number", "one_line", "quiet_libraries", "run_cli",
+    "OneLineParser", "TaskExit", "check_range", "exit_code_of", "hydra_entry", "hydra_task", "number", "one_line", "quiet_libraries", "run_cli",
 ]

@@ -35,8 +35,9 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
+from dataset.cli import OneLineParser, run_cli
 from dataset.io import _is_dicom_file, atomic_write_text, write_nifti
-from dataset.prepare import OneLineParser, PrepareSummary
+from dataset.prepare import PrepareSummary
 
 INDEX_NAME = "series.csv"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -301,12 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         summary = convert_dicom_folder(args.input, args.out, args.dtype, args.overwrite, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return summary.report(parser.prog)
+        return summary.report(parser.prog)
+
+    return run_cli(parser.prog, work)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torchio as tio
 from tqdm import tqdm
 
 from dataset.io import atomic_write_json, write_nifti
-from dataset.prepare import OneLineParser
+from dataset.cli import OneLineParser, number, run_cli
 
 METHODS = ("occupancy", "gaussian")
 SCALES = ("per-cloud", "shared")
@@ -240,10 +240,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--input", type=Path, required=True, help="HDF5 file with point clouds (N, P, 3)")
     p.add_argument("--out", type=Path, required=True, help="output folder for <prefix>_<index>.nii.gz")
     p.add_argument("--dataset", default=None, help="dataset name; default: the only (N, P, 3) float dataset")
-    p.add_argument("--voxel-size", type=int, default=64, help="grid size V (V^3 voxels); default 64")
+    p.add_argument("--voxel-size", type=number(int, min=2), default=64, help="grid size V (V^3 voxels); default 64")
     p.add_argument("--method", choices=METHODS, default="occupancy", help="occupancy (0/1) or gaussian splat")
-    p.add_argument("--sigma", type=float, default=1.0, help="Gaussian width in voxels (gaussian only); default 1")
-    p.add_argument("--margin", type=int, default=2, help="empty voxels on each side; default 2")
+    p.add_argument("--sigma", type=number(float, min=0, min_open=True), default=1.0, help="Gaussian width in voxels (gaussian only); default 1")
+    p.add_argument("--margin", type=number(int, min=0), default=2, help="empty voxels on each side; default 2")
     p.add_argument("--scale", choices=SCALES, default="per-cloud",
                    help="per-cloud: each cloud fills the grid (default); shared: one box for all clouds")
     p.add_argument("--prefix", default=None, help="output file prefix; default the input file's stem")
@@ -256,14 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         written = convert_h5_point_clouds(args.input, args.out, args.voxel_size, args.method, args.sigma, args.margin,
                                     args.scale, args.dataset, args.prefix, args.overwrite, not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(written)} volumes ({args.method}, {args.voxel_size}^3) written to {args.out}")
-    return 0
+        print(f"{len(written)} volumes ({args.method}, {args.voxel_size}^3) written to {args.out}")
+        return 0
+
+    return run_cli(parser.prog, work)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ from dataset.dataset_info import FILE_NAME, DatasetInfo
 from dataset.drr import DRRGeometry
 from dataset.intensity import HUWindow
 from dataset.io import atomic_save_torch, check_ct, load_xray, read_ct, write_nifti
-from dataset.prepare import (OneLineParser, PrepareSummary, _triple_arg, find_cts, read_labels, subject_paths,
-                             write_prepared_dataset)
+from dataset.cli import OneLineParser, number, run_cli
+from dataset.prepare import (PrepareSummary, _triple_arg, find_cts, read_labels, subject_paths, world_frame_image,
+                             world_frame_info, write_prepared_dataset)
 from dataset.preprocess import Preprocessor
 from dataset.volume import image_to_volume, volume_to_image
 
@@ -313,19 +314,21 @@ def convert_pt_dataset(ct_dir: str | Path, xray_dir: str | Path, out: str | Path
                               "converted_from": {"ct_dir": str(ct_dir.resolve()), "xray_dir": str(xray_dir.resolve()),
                                                  "ct_range": str(ct_range), "ct_axes": ct_axes, "ct_flip": ct_flip,
                                                  "pt_spacing": list(map(float, spacing))},
-                              "xray": xray.to_dict(),
+                              "xray": xray.to_dict(), "world_frame": world_frame_info(),
                               **({} if geometry is not None else {"xray_geometry": "unknown (imported X-rays): DRR "
                                   "re-projection metrics are skipped; back-projection conditioning must use "
                                   "parallel-beam grids"})})
 
-    def write(sid: str, paths: dict[str, Path]) -> None:
+    def write(sid: str, paths: dict[str, Path]) -> dict:
         if sid not in cts:
             load_ct(sid)  # raises the "no CT" error before the X-rays are looked at
         ap, lat = xray(xray_dir / sid / "AP.pt", xray_dir / sid / "LAT.pt", sid)
         pre = preprocessor(load_ct(sid))
+        pre, centre = world_frame_image(tio.ScalarImage(tensor=pre.data.round(), affine=pre.affine))
         atomic_save_torch(ap, paths["ap"])
         atomic_save_torch(lat, paths["lat"])
-        write_nifti(tio.ScalarImage(tensor=pre.data.round(), affine=pre.affine), paths["ct"], dtype=torch.int16)
+        write_nifti(pre, paths["ct"], dtype=torch.int16)
+        return {"scanner_centre_ras_mm": centre}
 
     return write_prepared_dataset(ids, out, info, write, fractions, labels, progress, desc="convert")
 
@@ -344,19 +347,19 @@ def build_parser() -> OneLineParser:
     p.add_argument("--ct-dir", type=Path, required=True, help="folder of <id>.pt CT tensors")
     p.add_argument("--xray-dir", type=Path, required=True, help="folder of <id>/AP.pt and <id>/LAT.pt")
     p.add_argument("--out", type=Path, required=True, help="output folder (prepared-dataset layout)")
-    p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("SD", "SH", "SW"),
+    p.add_argument("--spacing", type=number(float, min=0, min_open=True), nargs=3, default=[1.0, 1.0, 1.0], metavar=("SD", "SH", "SW"),
                    help="mm along the stored tensor axes (tensors carry no spacing); default 1 1 1")
     p.add_argument("--ct-range", default="hu",
                    help="CT tensor values: hu (default), unit:LO,HI ([-1,1] from HU window LO..HI) or unit01:LO,HI")
     p.add_argument("--ct-axes", default="DHW", help="what the stored tensor axes are, e.g. WHD; default DHW "
                    "(D superior->inferior, H anterior->posterior, W patient right->left)")
     p.add_argument("--ct-flip", default="", help="our axes to reverse after --ct-axes, e.g. D")
-    p.add_argument("--size", type=int, nargs="+", default=None, help="output CT shape D H W (or one); default keep")
-    p.add_argument("--target-spacing", type=float, nargs="+", default=None,
+    p.add_argument("--size", type=number(int, min=1), nargs="+", default=None, help="output CT shape D H W (or one); default keep")
+    p.add_argument("--target-spacing", type=number(float, min=0, min_open=True), nargs="+", default=None,
                    help="output spacing mm D H W (or one); default keep --spacing")
-    p.add_argument("--hu-min", type=float, default=None, help="dataset HU window low end; default from --ct-range or -1000")
-    p.add_argument("--hu-max", type=float, default=None, help="dataset HU window high end; default from --ct-range or 1000")
-    p.add_argument("--xray-size", type=int, nargs="+", default=None, help="resize X-rays to ROWS [COLS]; default keep")
+    p.add_argument("--hu-min", type=number(float), default=None, help="dataset HU window low end; default from --ct-range or -1000")
+    p.add_argument("--hu-max", type=number(float), default=None, help="dataset HU window high end; default from --ct-range or 1000")
+    p.add_argument("--xray-size", type=number(int, min=2), nargs="+", default=None, help="resize X-rays to ROWS [COLS]; default keep")
     p.add_argument("--xray-norm", default="minmax",
                    help="to [0,1]: minmax (per image, default), clip (already [0,1]) or range:LO,HI (fixed)")
     p.add_argument("--xray-invert", action="store_true", help="invert the grey scale (images where air is bright)")
@@ -364,12 +367,12 @@ def build_parser() -> OneLineParser:
     p.add_argument("--lat-ops", nargs="*", default=[], choices=XRAY_OPS, help="applied in order to LAT images")
     p.add_argument("--geometry-from", type=Path, default=None,
                    help="dataset.json (or its folder) whose DRR geometry the X-rays follow")
-    p.add_argument("--sdd", type=float, default=None, help="source-to-detector distance mm (with --sid, --pixel-spacing)")
-    p.add_argument("--sid", type=float, default=None, help="source-to-isocentre distance mm")
-    p.add_argument("--pixel-spacing", type=float, default=None, help="detector pixel pitch mm")
-    p.add_argument("--wet-scale", type=float, default=250.0, help="DRR contrast of the geometry (see dataset.drr)")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--sdd", type=number(float, min=0, min_open=True), default=None, help="source-to-detector distance mm (with --sid, --pixel-spacing)")
+    p.add_argument("--sid", type=number(float, min=0, min_open=True), default=None, help="source-to-isocentre distance mm")
+    p.add_argument("--pixel-spacing", type=number(float, min=0, min_open=True), default=None, help="detector pixel pitch mm")
+    p.add_argument("--wet-scale", type=number(float, min=0, min_open=True), default=250.0, help="DRR contrast of the geometry (see dataset.drr)")
+    p.add_argument("--seed", type=number(int, min=0), default=0, help="split seed")
+    p.add_argument("--split", type=number(float, min=0), nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--labels", type=Path, default=None, help="CSV subject_id,label (default label 0)")
     p.add_argument("--preview", type=Path, default=None, help="PNG of the first subject's AP/LAT with orientation labels")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -396,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         if (args.hu_min is None) != (args.hu_max is None):
             raise ValueError(f"--hu-min {args.hu_min} / --hu-max {args.hu_max}: give both or neither")
         xray_size = None
@@ -413,19 +417,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             window=HUWindow(args.hu_min, args.hu_max) if args.hu_min is not None else None, xray=xray,
             geometry=_geometry(args, xray_size), seed=args.seed, fractions=tuple(args.split),
             labels=read_labels(args.labels) if args.labels is not None else None, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    if summary.report(parser.prog):
-        return 2
-    if args.preview is not None:
-        from dataset.drr_figure import save_drr_figure
+        if summary.report(parser.prog):
+            return 2
+        if args.preview is not None:
+            from dataset.drr_figure import save_drr_figure
 
-        sid = (summary.prepared + summary.skipped)[0]
-        paths = subject_paths(args.out, sid)
-        save_drr_figure(load_xray(paths["ap"]), load_xray(paths["lat"]), args.preview, title=f"{sid}: {XRAY_ORIENTATION}")
-        print(f"preview: {args.preview}")
-    return 0
+            sid = (summary.prepared + summary.skipped)[0]
+            paths = subject_paths(args.out, sid)
+            save_drr_figure(load_xray(paths["ap"]), load_xray(paths["lat"]), args.preview, title=f"{sid}: {XRAY_ORIENTATION}")
+            print(f"preview: {args.preview}")
+        return 0
+
+    return run_cli(parser.prog, work)
 
 
 if __name__ == "__main__":

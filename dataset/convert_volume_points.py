@@ -34,7 +34,7 @@ import torchio as tio
 
 from dataset.intensity import HUWindow
 from dataset.io import atomic_write_text, read_ct
-from dataset.prepare import OneLineParser
+from dataset.cli import OneLineParser, number, run_cli
 
 VALUE_KINDS = ("hu", "unit", "raw")
 COLUMNS = ("x", "y", "z", "value")
@@ -132,15 +132,15 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m dataset.convert_volume_points", description=__doc__.split("\n")[0])
     p.add_argument("--input", type=Path, required=True, help="volume: .nii, .nii.gz or .pt (D, H, W)")
     p.add_argument("--out", type=Path, required=True, help="output .csv (columns x,y,z,value; x y z in mm)")
-    p.add_argument("--threshold", type=float, required=True,
+    p.add_argument("--threshold", type=number(float), required=True,
                    help="keep voxels >= this, in the units of --values (HU by default)")
     p.add_argument("--values", choices=VALUE_KINDS, default="hu",
                    help="stored values: hu (default), unit ([-1, 1] network range) or raw (no checks)")
     p.add_argument("--window", type=_window, default=HUWindow(), help="HU window LO,HI of unit volumes (report only)")
-    p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("SD", "SH", "SW"),
+    p.add_argument("--spacing", type=number(float, min=0, min_open=True), nargs=3, default=[1.0, 1.0, 1.0], metavar=("SD", "SH", "SW"),
                    help="mm along D H W for .pt tensors; default 1 1 1")
-    p.add_argument("--max-points", type=int, default=None, help="keep a seeded random subset of this size")
-    p.add_argument("--seed", type=int, default=0, help="subset seed")
+    p.add_argument("--max-points", type=number(int, min=1), default=None, help="keep a seeded random subset of this size")
+    p.add_argument("--seed", type=number(int, min=0), default=0, help="subset seed")
     return p
 
 
@@ -148,14 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         _, desc = volume_to_point_csv(args.input, args.out, args.threshold, args.values, args.window,
                                         tuple(args.spacing), args.max_points, args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{desc} -> {args.out} (x, y, z: mm, world coordinates from the image affine)")
-    return 0
+        print(f"{desc} -> {args.out} (x, y, z: mm, world coordinates from the image affine)")
+        return 0
+
+    return run_cli(parser.prog, work)
 
 
 if __name__ == "__main__":

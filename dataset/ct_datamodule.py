@@ -13,6 +13,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from dataset.dataset_info import window_for
+from dataset.samplers import EpochRandomSampler
 from dataset.intensity import HUWindow
 from dataset.manifest import Manifest
 from dataset.volume import ORIENTATION, lpi_to_dhw
@@ -31,24 +32,48 @@ class CTCollate:
 
 
 class _PatchStream(IterableDataset):
-    """Iterates one epoch of a :class:`tio.Queue` and advances its DistributedSampler's epoch.
+    """Iterates one epoch of patches from a fresh :class:`tio.Queue` and advances its DistributedSampler's epoch.
 
     An iterable dataset, so Lightning does not wrap the queue in a second DistributedSampler over
-    patches (the subjects are already sharded by the queue's subject sampler).
+    patches (the subjects are already sharded by the queue's subject sampler). Each epoch's subjects,
+    patch positions and patch order come from a random stream of its own, seeded by (seed, epoch, rank),
+    and leave the global stream untouched: a run resumed at an epoch end sees the same patches.
     """
 
-    def __init__(self, queue: tio.Queue, subject_sampler: DistributedSampler | None) -> None:
-        self.queue, self.subject_sampler, self.epoch = queue, subject_sampler, 0
+    def __init__(self, make_queue, subject_sampler: DistributedSampler | None, seed: int) -> None:
+        self.make_queue, self.subject_sampler, self.seed, self.epoch = make_queue, subject_sampler, seed, 0
+        self._length = len(make_queue())
 
     def __len__(self) -> int:
-        return len(self.queue)
+        return self._length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __iter__(self):
-        if self.subject_sampler is not None:
-            self.subject_sampler.set_epoch(self.epoch)
+        epoch = self.epoch
         self.epoch += 1
-        for i in range(len(self.queue)):
-            yield self.queue[i]
+        if self.subject_sampler is not None:
+            self.subject_sampler.set_epoch(epoch)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        state = torch.Generator().manual_seed((self.seed + 1_000_003 * epoch + 7919 * rank) % 2**63).get_state()
+        queue = self.make_queue()
+        for i in range(len(queue)):
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(state)
+                patch = queue[i]
+                state = torch.get_rng_state()
+            yield patch
+
+
+class _PatchLoader(DataLoader):
+    """DataLoader over a :class:`_PatchStream` whose epoch counter is saved in Lightning checkpoints (resume)."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.dataset.epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.set_epoch(int(state.get("epoch", 0)))
 
 
 class CTDataModule(L.LightningDataModule):
@@ -122,8 +147,10 @@ class CTDataModule(L.LightningDataModule):
     def _volumes(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if not self.datasets:
             self.setup()
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self.collate, persistent_workers=self.num_workers > 0)
+        return DataLoader(self.datasets[split], batch_size=batch_size, num_workers=self.num_workers,
+                          sampler=EpochRandomSampler(self.datasets[split]) if shuffle else None,
+                          collate_fn=self.collate, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(torch.initial_seed() % 2**63))
 
     def train_dataloader(self) -> DataLoader:
         if self.patch_size is None:
@@ -135,12 +162,15 @@ class CTDataModule(L.LightningDataModule):
         if self.patch_size > min(shape):
             raise ValueError(f"patch_size={self.patch_size} exceeds the volume shape {tuple(shape)}")
         sampler = DistributedSampler(subjects, shuffle=True) if dist.is_available() and dist.is_initialized() else None
-        queue = tio.Queue(subjects, max_length=self.queue_length, samples_per_volume=self.samples_per_volume,
-                          sampler=tio.UniformSampler(self.patch_size), subject_sampler=sampler,
-                          num_workers=self.num_workers, shuffle_subjects=sampler is None)
-        # the queue's own workers load subjects; its patch loader must stay in the main process
-        return DataLoader(_PatchStream(queue, sampler), batch_size=self.batch_size, num_workers=0,
-                          collate_fn=self.collate)
+        def make_queue() -> tio.Queue:
+            return tio.Queue(subjects, max_length=self.queue_length, samples_per_volume=self.samples_per_volume,
+                             sampler=tio.UniformSampler(self.patch_size), subject_sampler=sampler,
+                             num_workers=self.num_workers, shuffle_subjects=sampler is None, start_background=False)
+
+        # the queue's own workers load subjects; its patch loader must stay in the main process. Its own
+        # generator: starting an epoch draws nothing from the global random stream (exact resume)
+        return _PatchLoader(_PatchStream(make_queue, sampler, torch.initial_seed()), batch_size=self.batch_size, num_workers=0,
+                          collate_fn=self.collate, generator=torch.Generator().manual_seed(torch.initial_seed() % 2**63))
 
     def val_dataloader(self) -> DataLoader:
         return self._volumes("val", self.val_batch_size, shuffle=False)

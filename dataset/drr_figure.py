@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,10 +42,16 @@ def save_drr_figure(ap: torch.Tensor, lat: torch.Tensor, path: str | Path, title
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Render the figure; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m dataset.drr_figure", description=__doc__.split(":")[0])
+    from dataset.cli import OneLineParser, number, run_cli
+
+    p = OneLineParser(prog="python -m dataset.drr_figure", description=__doc__.split(":")[0])
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
-    p.add_argument("--size", type=int, default=256, help="volume edge and detector pixels")
+    p.add_argument("--size", type=number(int, min=8), default=256, help="volume edge and detector pixels")
     args = p.parse_args(argv)
+    return run_cli(p.prog, lambda: _render(args))
+
+
+def _render(args) -> int:
     pre = Preprocessor(shape=args.size, fit=True)
     image = pre(read_ct(example_ct_path()))
     volume, spacing = preprocessed_volume(image, pre.window)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torchio as tio
 
+from dataset.checkpoint import load_torch_file
 from dataset.volume import volume_to_image
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -141,10 +142,7 @@ def ct_subject_id(path: Path) -> str:
 
 
 def _read_pt(path: Path, spacing_dhw: tuple[float, float, float]) -> tio.ScalarImage:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for non-tensor / corrupt files
-        raise ValueError(f"{path}: cannot be read as a torch tensor file ({type(e).__name__}: {e})") from e
+    obj = load_torch_file(path, "CT tensor file (.pt)")
     if isinstance(obj, dict):
         key = next((k for k in ("ct", "volume", "image", "data") if k in obj), None)
         if key is None:
@@ -262,7 +260,7 @@ def _read_xray_array(path: Path) -> torch.Tensor:
     """Raw pixels of an X-ray file as a float32 ``(H, W)`` / ``(1, H, W)`` tensor (see :func:`load_xray`)."""
     name = path.name.lower()
     if name.endswith(".pt"):
-        x = torch.load(path, map_location="cpu", weights_only=True)
+        x = load_torch_file(path, "X-ray tensor file (.pt)")
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{path}: holds a {type(x).__name__}; expected an (H, W) or (1, H, W) tensor")
         return x.to(torch.float32)

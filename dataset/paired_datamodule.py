@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, Lambda
 from torch.utils.data import DataLoader, Dataset
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataset.dataset_info import window_for
 from dataset.manifest import Manifest
 from dataset.paired_dataset import PairedDataset
+from dataset.samplers import EpochRandomSampler
 
 
 class PairedDataModule(L.LightningDataModule):
@@ -72,9 +74,13 @@ class PairedDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.datasets:
             self.setup()
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        # the training order depends on (seed, epoch) only, and loading draws nothing from the global random
+        # stream, so a run resumed at an epoch end sees the same batches as an uninterrupted one
+        return DataLoader(self.datasets[split], batch_size=self.batch_size,
+                          sampler=EpochRandomSampler(self.datasets[split]) if shuffle else None,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          drop_last=self.drop_last and shuffle, persistent_workers=self.num_workers > 0)
+                          drop_last=self.drop_last and shuffle, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(torch.initial_seed() % 2**63))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

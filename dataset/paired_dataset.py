@@ -63,12 +63,6 @@ class PairedDataset(Dataset):
 
 
 def _load_latent(path: str) -> torch.Tensor:
-    try:
-        x = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such latent file") from None
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a torch tensor file ({type(e).__name__}: {e})") from e
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{path}: holds a {type(x).__name__}; expected a latent tensor")
-    return x
+    from dataset.latents import read_latent
+
+    return read_latent(path)[0]

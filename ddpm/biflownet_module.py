@@ -20,15 +20,6 @@ class NonFiniteLossError(RuntimeError):
     exit_code = 3
 
 
-def _stats_tensor(value: Any, channels: int, name: str) -> torch.Tensor:
-    v = torch.as_tensor(value, dtype=torch.float32).flatten()
-    if v.numel() == 1:
-        v = v.expand(channels).clone()
-    if v.numel() != channels:
-        raise ValueError(f"latent_stats['{name}'] has {v.numel()} values, expected 1 or {channels} (latent channels)")
-    return v.reshape(1, channels, 1, 1, 1)
-
-
 class BiFlowNetModule(L.LightningModule):
     """Trains a BiFlowNet on precomputed latents, keeping an exponential moving average of its weights.
 
@@ -93,12 +84,11 @@ class BiFlowNetModule(L.LightningModule):
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.diffusion = Diffusion(**diffusion)
         self.optimizer_factory = optimizer
-        c = self.model.in_channels
-        stats = latent_stats or {"mean": 0.0, "std": 1.0}
-        std = _stats_tensor(stats["std"], c, "std")
-        if (std <= 0).any() or not torch.isfinite(std).all():
-            raise ValueError(f"latent_stats['std'] must be positive and finite, got {stats['std']}")
-        self.register_buffer("latent_mean", _stats_tensor(stats["mean"], c, "mean"))
+        from dataset.latents import LatentStats
+
+        stats = LatentStats.from_dict(latent_stats, "latent_stats") if latent_stats else LatentStats.identity()
+        mean, std = stats.tensors(self.model.in_channels)
+        self.register_buffer("latent_mean", mean)
         self.register_buffer("latent_std", std)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.ema_decay = ema_decay

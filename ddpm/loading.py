@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from dataset.checkpoint import CheckpointError, load_state, read_checkpoint
 from ddpm.biflownet import BiFlowNet
 from ddpm.diffusion import Diffusion
 
@@ -61,20 +62,22 @@ def load_biflownet(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a BiFlowNet checkpoint, or the adapter does not fit it.
+        CheckpointError: not a checkpoint, truncated, unsafe, of another kind, or incompatible weights.
+        ValueError: the adapter does not fit it.
     """
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: BiFlowNet checkpoint not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "network" not in hp or "diffusion" not in hp:
-        raise ValueError(f"{path}: not a BiFlowNet checkpoint (expected state_dict and network/diffusion hyper-parameters)")
+    ckpt = read_checkpoint(path, "biflownet", map_location)
+    hp = ckpt["hyper_parameters"]
     prefix = "ema_model." if use_ema else "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
-        raise ValueError(f"{path}: no '{prefix}*' weights in the checkpoint")
-    model = BiFlowNet(**hp["network"])
+        raise CheckpointError(f"{path}: incompatible: no '{prefix}*' weights in the checkpoint")
+    if "latent_mean" not in ckpt["state_dict"] or "latent_std" not in ckpt["state_dict"]:
+        raise CheckpointError(f"{path}: incompatible: no latent statistics (latent_mean/latent_std) in the checkpoint")
+    try:
+        model = BiFlowNet(**hp["network"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: incompatible: its network hyper-parameters are invalid here ({err})") from None
     if hp.get("lora"):
         from ddpm.lora import LoraSettings, apply_lora
 
@@ -82,10 +85,14 @@ def load_biflownet(
             raise ValueError(f"{path} is a LoRA fine-tuning checkpoint (adapters included); apply --adapter to "
                              f"its base {hp.get('init_from')} instead")
         wrapped = apply_lora(model, LoraSettings.from_dict(hp["lora"]))
-        wrapped.load_state_dict(state)
+        try:
+            wrapped.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: incompatible: its LoRA weights do not fit its network "
+                                  f"({str(err).strip().splitlines()[0]})") from None
         model = wrapped.merge_and_unload()
     else:
-        model.load_state_dict(state)
+        load_state(model, state, path, "the BiFlowNet its hyper-parameters describe")
     model.to(map_location).eval().requires_grad_(False)
     if adapter is not None:
         from ddpm.lora import load_adapter
@@ -119,16 +126,9 @@ def read_network_config(ckpt_path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a BiFlowNet checkpoint.
+        CheckpointError: the file is not a BiFlowNet checkpoint (one line).
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: BiFlowNet checkpoint not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if not isinstance(hp, dict) or not isinstance(hp.get("network"), dict):
-        raise ValueError(f"{path}: not a BiFlowNet checkpoint (no network hyper-parameters)")
-    return dict(hp["network"])
+    return dict(read_checkpoint(ckpt_path, "biflownet", mmap=True)["hyper_parameters"]["network"])
 
 
 __all__ = ["LoadedBiFlowNet", "load_biflownet", "read_network_config"]

@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-ADAPTER_META = "biflownet_adapter.json"
+from dataset.checkpoint import ADAPTER_MARKER, check_adapter_dir, read_safetensors
+
+ADAPTER_META = ADAPTER_MARKER
 ADAPTER_GRIDS = "projection_grids.safetensors"
 ADAPTER_FORMAT = "biflownet-lora"
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv3d, nn.Conv2d)
@@ -265,16 +267,14 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: the folder or one of its files is missing.
         ValueError: the folder is not a BiFlowNet LoRA adapter.
     """
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d}: adapter folder not found")
+    d = check_adapter_dir(adapter_dir)
     for name in (ADAPTER_META, "adapter_config.json", "adapter_model.safetensors"):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d}: adapter folder has no {name}; expected a folder written by train_BiFlowNet "
                                     "with lora enabled")
     try:
         meta = json.loads((d / ADAPTER_META).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{d / ADAPTER_META}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{d}: not a BiFlowNet LoRA adapter ({ADAPTER_META} has no format {ADAPTER_FORMAT!r})")
@@ -346,17 +346,17 @@ def load_adapter(
     """
     d = Path(adapter_dir)
     check_adapter_fits(model, d, network)
+    saved = read_safetensors(d / "adapter_model.safetensors", "LoRA adapter weights file")
     try:
         wrapped = PeftModel.from_pretrained(model, str(d), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ValueError(f"adapter {d} does not fit the base model: {e}") from None
-    saved = load_file(str(d / "adapter_model.safetensors"))
     live = get_peft_model_state_dict(wrapped)
     unmatched = sorted(set(saved) ^ set(live)) + [k for k in saved if k in live and saved[k].shape != live[k].shape]
     if unmatched:
         raise ValueError(f"adapter {d} does not fit the base model: adapter weights {unmatched[:3]} have no matching layer")
     if (d / ADAPTER_GRIDS).is_file() and getattr(model, "xray_encoder", None) is not None:
-        grids = load_file(str(d / ADAPTER_GRIDS))
+        grids = read_safetensors(d / ADAPTER_GRIDS, "adapter projection grids file")
         device = next(model.parameters()).device
         model.set_projection_grids(grids["grid_ap"].to(device), grids["grid_lat"].to(device))
     out: nn.Module = wrapped.merge_and_unload() if merge else wrapped

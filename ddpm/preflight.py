@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from dataset.latents import LatentStats, check_latent_origin, read_latent
+
+REGENERATE = "python -m train.generate_training_latent --manifest {manifest} --ae-ckpt <autoencoder.ckpt>"
 
 
-def read_latent_stats(path: str | os.PathLike) -> dict:
-    """Read ``latent_stats.json`` written by ``train.generate_training_latent``.
+def read_latent_stats(path: str | os.PathLike) -> LatentStats:
+    """Read ``latent_stats.json`` written by ``train.generate_training_latent`` (see :class:`LatentStats`).
 
-    Returns:
-        {"mean": float | list[float], "std": float | list[float]}, plus "ae_checkpoint" (absolute
-        path of the autoencoder that made the latents) when the file records it; it travels into the
-        BiFlowNet checkpoint so generation finds its decoder.
+    The recorded ``ae_checkpoint`` (resolved to an absolute path) travels into the BiFlowNet checkpoint
+    so generation finds its decoder.
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: not JSON or without numeric ``mean`` / ``std``.
+        ValueError: not JSON or without valid ``mean`` / ``std``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no latent statistics; run `python -m train.generate_training_latent` first")
-    try:
-        d = json.loads(path.read_text())
-        stats = {"mean": d["mean"], "std": d["std"]}
-        torch.as_tensor(stats["mean"], dtype=torch.float32)
-        torch.as_tensor(stats["std"], dtype=torch.float32)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: expected JSON with numeric 'mean' and 'std' ({type(e).__name__}: {e})") from e
-    if d.get("ae_checkpoint"):
-        stats["ae_checkpoint"] = str((path.parent / d["ae_checkpoint"]).resolve())
-    return stats
+    return LatentStats.load(path)
 
 
 def check_training_inputs(
@@ -42,14 +29,21 @@ def check_training_inputs(
     latent_channels: int,
     latent_shape: Sequence[int],
     xray_size: Sequence[int] | None,
+    stats: LatentStats | None = None,
+    stats_path: str | os.PathLike | None = None,
 ) -> None:
-    """Validate a latent manifest against the network configuration (first training row).
+    """Validate a latent manifest against the network configuration and the latent statistics.
+
+    Every listed latent must exist and come from the autoencoder the statistics name (memory-mapped reads);
+    the first training row's latent shape and X-ray sizes must fit the network.
 
     Args:
         manifest: ``manifest.csv`` with a ``latent`` column.
         latent_channels: network ``in_channels``.
         latent_shape: network ``latent_shape`` (D, H, W).
         xray_size: X-ray (H, W) the encoder expects, or None without X-ray conditioning.
+        stats: the latent statistics training normalises with (their autoencoder fingerprint is checked).
+        stats_path: where ``stats`` came from, for messages.
 
     Raises:
         FileNotFoundError / ValueError naming the file and what was expected.
@@ -57,28 +51,25 @@ def check_training_inputs(
     from dataset.io import load_xray
     from dataset.manifest import Manifest
 
-    m = Manifest.load(manifest)
+    m = Manifest.load(manifest, check_files=False)
+    regenerate = REGENERATE.format(manifest=m.path)
     if "latent" not in m.frame.columns:
-        raise ValueError(
-            f"{m.path}: manifest has no 'latent' column; run `python -m train.generate_training_latent` "
-            "to encode the CTs and add it"
-        )
+        raise ValueError(f"{m.path}: manifest has no 'latent' column; encode the CTs first: {regenerate}")
+    missing = [p for p in m.frame["latent"] if not p or not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{m.path}: {len(missing)} of {len(m.frame)} latent files are missing (e.g. "
+                                f"{missing[0]}); regenerate them: {regenerate}")
     train = m.split("train")
     if len(train) == 0:
         raise ValueError(f"{m.path}: no rows with split 'train'")
+    if stats is not None:
+        check_latent_origin(list(m.frame["latent"]), stats, stats_path or "the latent statistics")
     row = train.iloc[0]
-    path = Path(row["latent"])
-    try:
-        z = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: latent file listed in {m.path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a latent tensor ({type(e).__name__}: {e})") from e
+    z, _ = read_latent(row["latent"], mmap=True)
     expected = (int(latent_channels), *(int(s) for s in latent_shape))
-    if not isinstance(z, torch.Tensor) or tuple(z.shape) != expected:
-        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+    if tuple(z.shape) != expected:
         raise ValueError(
-            f"{path}: latent has shape {got}, but the network config expects {expected} "
+            f"{row['latent']}: latent has shape {tuple(z.shape)}, but the network config expects {expected} "
             "(network.in_channels, network.latent_shape)"
         )
     if xray_size is not None:

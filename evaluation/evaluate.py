@@ -50,12 +50,14 @@ from dataset import (
     read_ct,
     render_drr_pair,
 )
+from dataset.cli import OneLineParser, number, run_cli
 from dataset.io import atomic_write, atomic_write_json, atomic_write_text
 from evaluation import metrics
 from evaluation.figures import mpr_figure
 
 __all__ = ["CasePair", "evaluate_pairs", "find_pairs", "main", "write_results"]
 
+PROG = "python -m evaluation.evaluate"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 STD_SUFFIX = "_std"
 SAMPLE_RE = re.compile(r"(.+)_sample\d+")
@@ -416,17 +418,18 @@ def write_results(out_dir: str | os.PathLike, rows: Sequence[dict], summary: dic
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--pred", required=True, help="folder of generated <subject_id>.nii.gz volumes in HU")
     p.add_argument("--ref", required=True, help="folder of reference <subject_id>.nii.gz CTs, or a manifest.csv")
     p.add_argument("--split", default=None, help="manifest split to evaluate (default test; manifest only)")
-    p.add_argument("--hu-min", type=float, default=None, help="HU window low end (default: dataset.json, else -1000)")
-    p.add_argument("--hu-max", type=float, default=None, help="HU window high end (default: dataset.json, else 1000)")
+    p.add_argument("--hu-min", type=number(float), default=None, help="HU window low end (default: dataset.json, else -1000)")
+    p.add_argument("--hu-max", type=number(float), default=None, help="HU window high end (default: dataset.json, else 1000)")
     p.add_argument("--geometry", default=None,
                    help="dataset.json (or its folder) with the DRR geometry; default the manifest's dataset.json")
     p.add_argument("--xray-dir", default=None, help="folder with <subject_id>/AP.pt and LAT.pt (default: manifest)")
     p.add_argument("--medicalnet-weights", default=None, help="MedicalNet resnet_10_23dataset.pth for FID/MMD")
-    p.add_argument("--fid-min-samples", type=int, default=None, help="minimum cases for FID (default features + 1)")
+    p.add_argument("--fid-min-samples", type=number(int, min=2), default=None,
+                   help="minimum cases for FID (default features + 1)")
     p.add_argument("--figures", action="store_true", help="also write an MPR figure per case to OUT/figures/")
     p.add_argument("--out", required=True, help="output folder for per_case.csv and summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
@@ -444,45 +447,45 @@ def _dataset_info(args: argparse.Namespace) -> DatasetInfo | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 ok, 2 bad input)."""
+    """CLI entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
     args = _parser().parse_args(argv)
-    try:
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-            raise FileExistsError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
-        if (args.hu_min is None) != (args.hu_max is None):
-            raise ValueError(f"--hu-min {args.hu_min} / --hu-max {args.hu_max}: give both or neither")
-        info = _dataset_info(args)
-        if args.hu_min is not None:
-            window = HUWindow(args.hu_min, args.hu_max)
-        else:
-            window = info.window if info is not None else HUWindow()
-        pairs = find_pairs(args.pred, args.ref, split=args.split, xray_dir=args.xray_dir)
-        have_xrays = all(p.ap is not None and p.lat is not None for p in pairs)
-        geometry = info.geometry if info is not None and have_xrays else None
-        if args.xray_dir is not None and geometry is None:
-            raise ValueError(f"--xray-dir {args.xray_dir} given but no DRR geometry: pass --geometry dataset.json")
-        if args.geometry is not None and not have_xrays:
-            raise ValueError(f"--geometry {args.geometry} given but the cases have no X-rays: pass --xray-dir")
-        extractor = None
-        if args.medicalnet_weights is not None:
-            from AutoEncoder.medicalnet import load_medicalnet
+    return run_cli(PROG, lambda: _evaluate(args))
 
-            extractor = load_medicalnet(args.medicalnet_weights)
-        rows, summary = evaluate_pairs(pairs, window, geometry, extractor, args.fid_min_samples,
-                                       figures=args.figures, progress=not args.no_progress)
-        summary["inputs"] = {"pred": str(Path(args.pred).resolve()), "ref": str(Path(args.ref).resolve()),
-                             "split": (args.split or "test") if Path(args.ref).is_file() else None}
-        write_results(out, rows, summary, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _evaluate(args: argparse.Namespace) -> None:
+    """Evaluate the generated volumes the arguments name and write the results (see the module docstring)."""
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
+    if (args.hu_min is None) != (args.hu_max is None):
+        raise ValueError(f"--hu-min {args.hu_min} / --hu-max {args.hu_max}: give both or neither")
+    info = _dataset_info(args)
+    if args.hu_min is not None:
+        window = HUWindow(args.hu_min, args.hu_max)
+    else:
+        window = info.window if info is not None else HUWindow()
+    pairs = find_pairs(args.pred, args.ref, split=args.split, xray_dir=args.xray_dir)
+    have_xrays = all(p.ap is not None and p.lat is not None for p in pairs)
+    geometry = info.geometry if info is not None and have_xrays else None
+    if args.xray_dir is not None and geometry is None:
+        raise ValueError(f"--xray-dir {args.xray_dir} given but no DRR geometry: pass --geometry dataset.json")
+    if args.geometry is not None and not have_xrays:
+        raise ValueError(f"--geometry {args.geometry} given but the cases have no X-rays: pass --xray-dir")
+    extractor = None
+    if args.medicalnet_weights is not None:
+        from AutoEncoder.medicalnet import load_medicalnet
+
+        extractor = load_medicalnet(args.medicalnet_weights)
+    rows, summary = evaluate_pairs(pairs, window, geometry, extractor, args.fid_min_samples,
+                                   figures=args.figures, progress=not args.no_progress)
+    summary["inputs"] = {"pred": str(Path(args.pred).resolve()), "ref": str(Path(args.ref).resolve()),
+                         "split": (args.split or "test") if Path(args.ref).is_file() else None}
+    write_results(out, rows, summary, overwrite=args.overwrite)
     fm = summary["feature_metrics"]
     if fm.get("fid_note"):
-        print(f"warning: FID {fm['fid_note']}", file=sys.stderr)
+        print(f"{PROG}: warning: FID {fm['fid_note']}", file=sys.stderr)
     m = summary["metrics"]
     print(json.dumps(_jsonable({k: m[k]["mean"] for k in m} | {"n_cases": summary["n_cases"], "out": str(out)})))
-    return 0
 
 
 if __name__ == "__main__":

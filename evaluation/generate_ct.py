@@ -27,7 +27,10 @@ import torch
 from tqdm import tqdm
 
 from dataset import Manifest, load_xray, write_nifti
+from dataset.cli import OneLineParser, number, run_cli
 from evaluation.generation import SAMPLERS, CTGenerator
+
+PROG = "python -m evaluation.generate_ct"
 
 
 def output_paths(output: Path, num_samples: int) -> dict[str, Path]:
@@ -69,10 +72,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="autoencoder checkpoint (default: the one recorded in --checkpoint)")
     p.add_argument("--adapter", type=Path, default=None,
                    help="LoRA adapter folder trained on --checkpoint (merged before sampling)")
-    p.add_argument("--num-inference-steps", "--num_inference_steps", type=int, default=50)
+    p.add_argument("--num-inference-steps", "--num_inference_steps", type=number(int, min=1), default=50)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--guidance-scale", "--guidance_scale", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", "--guidance_scale", type=number(float, min=0.0), default=1.0,
+                   help="classifier-free guidance (1: the conditional model alone; needs a model trained with "
+                        "condition dropout)")
+    p.add_argument("--seed", type=number(int, min=0), default=0)
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
 
@@ -83,11 +88,41 @@ def load_generator(args: argparse.Namespace) -> CTGenerator:
                                         bf16=False if args.fp32 else None, adapter=args.adapter)
 
 
+def check_options(gen: CTGenerator, checkpoint: Path, label: int | None, guidance_scale: float,
+                  xrays: bool) -> None:
+    """Refuse options the model would ignore or cannot honour, naming the option and the model.
+
+    Args:
+        gen: the loaded generator.
+        checkpoint: its checkpoint (for messages).
+        label: the ``--label`` given (None: not given).
+        guidance_scale: ``--guidance-scale``.
+        xrays: whether X-rays are given.
+    """
+    classes = gen.num_classes
+    if label is not None and classes == 0:
+        raise ValueError(f"--label {label}: {checkpoint} has no class condition (network.num_classes=0); drop --label")
+    if label is not None and not 0 <= label < classes:
+        raise ValueError(f"--label {label}: {checkpoint} knows classes 0..{classes - 1}")
+    if xrays and not gen.needs_xrays:
+        raise ValueError(f"{checkpoint} is not conditioned on X-rays; generate with "
+                         "python -m evaluation.class_conditional_generation")
+    if not xrays and gen.needs_xrays and not gen.biflownet.conditioning.get("p_uncond"):
+        raise ValueError(f"{checkpoint} was trained without condition dropout (module.p_uncond=0), so it cannot "
+                         "sample without X-rays")
+    if guidance_scale != 1.0:
+        has_condition = (xrays and gen.needs_xrays) or (label is not None and classes > 0)
+        if not has_condition:
+            raise ValueError(f"--guidance-scale {guidance_scale:g}: nothing to guide towards (no X-rays or class "
+                             "label for this model); use 1")
+        if not gen.biflownet.conditioning.get("p_uncond"):
+            raise ValueError(f"--guidance-scale {guidance_scale:g}: {checkpoint} was trained without condition dropout "
+                             "(module.p_uncond=0), so it has no unconditional prediction to guide with; use 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``evaluation.generate_ct`` argument parser."""
-    from dataset.prepare import OneLineParser
-
-    p = OneLineParser(prog="python -m evaluation.generate_ct", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     add_model_arguments(p)
     p.add_argument("--ap", type=Path, help="AP X-ray (.pt, .png or 2-D .nii[.gz]) in [0, 1]")
     p.add_argument("--lat", type=Path, help="lateral X-ray, same size as --ap")
@@ -95,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, help="batch mode: a prepared manifest.csv")
     p.add_argument("--split", default="test", help="batch mode: manifest split (default test)")
     p.add_argument("--output-dir", type=Path, help="batch mode: folder for <subject_id>.nii.gz")
-    p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
-    p.add_argument("--num-samples", "--num_samples", type=int, default=1)
+    p.add_argument("--label", type=number(int, min=0), default=None,
+                   help="class label (class-conditional models only; batch mode default: the manifest's label)")
+    p.add_argument("--num-samples", "--num_samples", type=number(int, min=1), default=1)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -121,38 +157,36 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path, int | None, P
              args.output_dir / f"{r.subject_id}.nii.gz") for r in frame.itertuples()]
 
 
+def generate(args: argparse.Namespace) -> None:
+    """Check every input and output, then sample and write each job (see the module docstring)."""
+    jobs = _jobs(args)
+    check_outputs([p for *_, out in jobs for p in output_paths(out, args.num_samples).values()], args.overwrite)
+    gen = load_generator(args)
+    check_options(gen, args.checkpoint, args.label, args.guidance_scale, xrays=True)
+    # read and check every input before the first (slow) sample
+    inputs = []
+    for name, ap_path, lat_path, label, out in jobs:
+        ap, lat = load_xray(ap_path), load_xray(lat_path)
+        if tuple(ap.shape) != tuple(lat.shape):
+            raise ValueError(f"{name}: AP {ap_path} is {tuple(ap.shape[1:])} but LAT {lat_path} is "
+                             f"{tuple(lat.shape[1:])}; expected a pair of the same size")
+        gen.check_xrays(ap, lat, name=f"{name} ({ap_path}, {lat_path})")
+        if gen.num_classes > 0 and label is None:
+            raise ValueError(f"{args.checkpoint} is class-conditional ({gen.num_classes} classes): pass --label L")
+        inputs.append((name, ap, lat, label if gen.num_classes > 0 else None, out))
+    generator = torch.Generator().manual_seed(args.seed)
+    for name, ap, lat, label, out in tqdm(inputs, desc="generate", disable=args.no_progress or len(inputs) == 1):
+        volumes = gen.sample(ap, lat, label, args.num_samples, args.sampler, args.num_inference_steps,
+                             args.guidance_scale, generator)
+        paths = write_generation(gen, volumes, out)
+        print(f"{name}: wrote {paths['mean']}" + (f" (+ std and {args.num_samples} samples)"
+                                                  if args.num_samples > 1 else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 ok, 2 bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.num_samples < 1 or args.num_inference_steps < 1:
-            raise ValueError(f"--num-samples {args.num_samples} and --num-inference-steps "
-                             f"{args.num_inference_steps} must be >= 1")
-        jobs = _jobs(args)
-        check_outputs([p for *_, out in jobs for p in output_paths(out, args.num_samples).values()], args.overwrite)
-        gen = load_generator(args)
-        # read and check every input before the first (slow) sample
-        inputs = []
-        for name, ap_path, lat_path, label, out in jobs:
-            ap, lat = load_xray(ap_path), load_xray(lat_path)
-            if tuple(ap.shape) != tuple(lat.shape):
-                raise ValueError(f"{name}: AP {ap_path} is {tuple(ap.shape[1:])} but LAT {lat_path} is "
-                                 f"{tuple(lat.shape[1:])}; expected a pair of the same size")
-            if gen.needs_xrays:
-                gen.check_xrays(ap, lat, name=f"{name} ({ap_path}, {lat_path})")
-            inputs.append((name, ap, lat, label, out))
-        generator = torch.Generator().manual_seed(args.seed)
-        for name, ap, lat, label, out in tqdm(inputs, desc="generate", disable=args.no_progress or len(inputs) == 1):
-            volumes = gen.sample(ap, lat, label, args.num_samples, args.sampler, args.num_inference_steps,
-                                 args.guidance_scale, generator)
-            paths = write_generation(gen, volumes, out)
-            print(f"{name}: wrote {paths['mean']}" + (f" (+ std and {args.num_samples} samples)"
-                                                      if args.num_samples > 1 else ""))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """CLI entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    return run_cli(PROG, lambda: generate(args))
 
 
 if __name__ == "__main__":

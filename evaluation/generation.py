@@ -17,8 +17,8 @@ from functools import partial
 import torch
 import torchio as tio
 
-from AutoEncoder import PatchVolumeAutoencoder, load_autoencoder
-from dataset import HUWindow, volume_to_image
+from AutoEncoder import LoadedAutoencoder, PatchVolumeAutoencoder, load_autoencoder
+from dataset import DatasetInfo, HUWindow, volume_to_image
 from ddpm import LoadedBiFlowNet, guided, load_biflownet
 
 SAMPLERS = ("ddim", "ddpm", "rflow")
@@ -74,6 +74,9 @@ class CTGenerator:
             autoencoder = (loaded.hparams.get("latent_stats") or {}).get("ae_checkpoint")
             if not autoencoder:
                 raise ValueError(f"{checkpoint}: records no autoencoder checkpoint; pass --autoencoder PATH")
+            if not Path(autoencoder).is_file():
+                raise FileNotFoundError(f"{checkpoint}: the autoencoder it was trained with, {autoencoder}, does not "
+                                        "exist (moved?); pass --autoencoder PATH")
         ae = load_autoencoder(autoencoder, map_location=device)
         check_compatible(loaded, ae, checkpoint, autoencoder)
         info = ae.dataset_info or {}
@@ -85,7 +88,7 @@ class CTGenerator:
         bf16 = (device.type == "cuda") if bf16 is None else bool(bf16)
         if bf16 and device.type != "cuda":
             raise ValueError(f"bf16 sampling needs a CUDA device; got device={device}")
-        return cls(loaded, ae, window, spacing, device, bf16)
+        return cls(loaded, ae.model, window, spacing, device, bf16)
 
     @property
     def needs_xrays(self) -> bool:
@@ -148,7 +151,7 @@ class CTGenerator:
             self.check_xrays(ap, lat)
         if unconditional and guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs X-rays to guide towards; use 1.0 without them")
-        if self.num_classes > 0:
+        if self.num_classes > 0 and not (unconditional and label is None):  # null tokens drop the class too
             if label is None or not 0 <= int(label) < self.num_classes:
                 raise ValueError(f"label={label!r} is invalid; expected an integer in [0, {self.num_classes})")
         cfg = self.biflownet.conditioning
@@ -159,7 +162,7 @@ class CTGenerator:
         for start in range(0, num_samples, step):
             k = min(step, num_samples - start)
             if self.num_classes > 0:
-                cond["y"] = torch.full((k,), int(label), dtype=torch.long, device=self.device)
+                cond["y"] = torch.full((k,), int(label or 0), dtype=torch.long, device=self.device)
             if unconditional:
                 blank = torch.zeros((k, 1, *self.biflownet.conditioning["xray_size"]), device=self.device)
                 drop = torch.ones(k, dtype=torch.bool, device=self.device)
@@ -189,12 +192,22 @@ class CTGenerator:
         return volume_to_image(self.window.to_hu(volumes).std(dim=0, unbiased=volumes.shape[0] > 1), self.spacing)
 
 
-def check_compatible(loaded: LoadedBiFlowNet, ae: PatchVolumeAutoencoder, ckpt: object, ae_ckpt: object) -> None:
-    """Raise ``ValueError`` when the BiFlowNet was not trained in this autoencoder's latent space."""
+def check_compatible(loaded: LoadedBiFlowNet, ae: LoadedAutoencoder | PatchVolumeAutoencoder, ckpt: object,
+                     ae_ckpt: object) -> None:
+    """Raise ``ValueError`` when the BiFlowNet was not trained in this autoencoder's latent space.
+
+    Checks the latent channels and, when both are known, the fingerprint of the autoencoder that made the
+    training latents against the one given.
+    """
+    model = ae.model if isinstance(ae, LoadedAutoencoder) else ae
     cfg = loaded.conditioning
-    if int(cfg["latent_channels"]) != ae.latent_channels:
+    if int(cfg["latent_channels"]) != model.latent_channels:
         raise ValueError(f"{ckpt} expects {cfg['latent_channels']} latent channels but autoencoder {ae_ckpt} "
-                         f"produces {ae.latent_channels}; use the autoencoder the latents were made with")
+                         f"produces {model.latent_channels}; use the autoencoder the latents were made with")
+    trained_on = (loaded.hparams.get("latent_stats") or {}).get("ae_fingerprint")
+    if isinstance(ae, LoadedAutoencoder) and trained_on and trained_on != ae.fingerprint:
+        raise ValueError(f"{ckpt} was trained on latents of autoencoder {trained_on[:12]}, but {ae_ckpt} is autoencoder "
+                         f"{ae.fingerprint[:12]}; use the autoencoder the latents were made with")
 
 
 __all__ = ["CTGenerator", "SAMPLERS", "check_compatible", "default_device"]

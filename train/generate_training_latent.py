@@ -3,20 +3,22 @@
     python -m train.generate_training_latent --manifest outputs/demo/data/manifest.csv --ae-ckpt ae.ckpt
     torchrun --nproc_per_node=8 -m train.generate_training_latent --manifest ... --ae-ckpt ...
 
-Writes ``<out-dir>/<subject_id>.pt`` (float32 ``(C, d, h, w)``, the continuous pre-quantisation latent of
-``load_autoencoder(ckpt).encode``; decode generated latents with ``decode(z, quantize=True)``), adds a
-``latent`` column (paths relative to the CSV) to the manifest, and writes ``latent_stats.json`` next to it
-(per-channel ``mean``/``std`` over the train split, and ``scale_factor`` = 1 / the std over all channels, the
-latent-diffusion convention, for reference). The same per-channel statistics are written into the autoencoder
-checkpoint's ``latent_mean``/``latent_std`` buffers (``AutoEncoder.store_latent_stats``; skip with
-``--no-store-stats``), so ``load_autoencoder(ckpt).normalize_latent`` / ``denormalize_latent`` use them.
-Subjects are sharded across torchrun ranks; existing latents of the right shape are kept (resumable); every file
-is written atomically.
+Writes ``<out-dir>/<subject_id>.pt`` (``dataset.latents``: the float32 ``(C, d, h, w)`` continuous
+pre-quantisation latent of ``load_autoencoder(ckpt).model.encode``, with the fingerprint of that autoencoder;
+decode generated latents with ``decode(z, quantize=True)``), adds a ``latent`` column (paths relative to the
+CSV) to the manifest, and writes ``latent_stats.json`` next to it (``dataset.latents.LatentStats``: per-channel
+``mean``/``std`` over the train split, the autoencoder's fingerprint and checkpoint, and ``scale_factor`` = 1 /
+the std over all channels, the latent-diffusion convention, for reference).
+
+Resumable: a latent that exists with the right shape and was made by this autoencoder is kept; latents of
+another autoencoder (or of unknown origin, or damaged) are re-encoded, and the run says how many. A deleted
+``latents/`` folder is simply regenerated. Subjects are sharded across torchrun ranks; every file is written
+atomically, and ``latent_stats.json`` is removed before any latent changes, so it never names an autoencoder
+its latents did not come from.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -26,11 +28,16 @@ import torch.distributed as dist
 import torchio as tio
 from tqdm import tqdm
 
-from AutoEncoder import PatchVolumeAutoencoder, load_autoencoder, store_latent_stats
-from dataset import DatasetInfo, Manifest, atomic_save_torch, atomic_write_json
+from AutoEncoder import LoadedAutoencoder, load_autoencoder
+from dataset import DatasetInfo, Manifest
+from dataset.checkpoint import CheckpointError
+from dataset.cli import OneLineParser, number, run_cli
 from dataset.ct_datamodule import CTCollate
 from dataset.dataset_info import window_for
+from dataset.latents import STATS_FILE, LatentStats, read_latent, write_latent
 from dataset.volume import ORIENTATION
+
+PROG = "python -m train.generate_training_latent"
 
 
 def _dist_setup() -> tuple[int, int]:
@@ -40,27 +47,32 @@ def _dist_setup() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _check_window(model: PatchVolumeAutoencoder, manifest: Path) -> None:
+def _check_window(ae: LoadedAutoencoder, manifest: Path) -> None:
     """The intensity window the autoencoder was trained with must equal the dataset's (when both are known)."""
-    info = getattr(model, "dataset_info", None)
+    info = ae.dataset_info
     if not info or not (manifest.parent / "dataset.json").is_file():
         return
     data_window = DatasetInfo.load(manifest.parent).to_dict()["window"]
     if info.get("window") != data_window:
         raise ValueError(
-            f"the autoencoder was trained with HU window {info.get('window')}, but {manifest.parent / 'dataset.json'} "
-            f"uses {data_window}; encode with a matching checkpoint or re-prepare the data"
+            f"{ae.path}: the autoencoder was trained with HU window {info.get('window')}, but "
+            f"{manifest.parent / 'dataset.json'} uses {data_window}; encode with a matching checkpoint or re-prepare the data"
         )
 
 
-def _latent_ok(path: Path, shape: tuple[int, ...] | None) -> bool:
+def _existing_latent(path: Path, shape: tuple[int, ...], fingerprint: str) -> tuple[torch.Tensor | None, str]:
+    """(the latent if it can be kept, else None; why not: "missing", "stale", "damaged" or "" when kept)."""
     if not path.is_file():
-        return False
+        return None, "missing"
     try:
-        z = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated or foreign file: encode again
-        return False
-    return isinstance(z, torch.Tensor) and (shape is None or tuple(z.shape) == shape)
+        z, fp = read_latent(path)
+    except (CheckpointError, OSError):
+        return None, "damaged"
+    if fp != fingerprint:
+        return None, "stale"
+    if tuple(z.shape) != shape:
+        return None, "damaged"
+    return z, ""
 
 
 def generate(
@@ -70,35 +82,43 @@ def generate(
     chunk_size: int | None = None,
     device: str = "cpu",
     progress: bool = True,
-    store_stats: bool = True,
 ) -> dict:
     """Encode all subjects (this rank's shard under torchrun) and, on rank 0, write the manifest and statistics.
 
     Args:
-        manifest_path: ``manifest.csv`` of a prepared dataset.
+        manifest_path: ``manifest.csv`` of a prepared dataset (a ``latent`` column listing deleted files is fine).
         ae_ckpt: checkpoint written by ``train.train_PatchVolume``.
         out_dir: where latents go (default ``<manifest dir>/latents``).
         chunk_size: patches per encoder call (default: the checkpoint's ``encode_chunk_size``).
         device: torch device for encoding.
         progress: show a progress bar on rank 0.
-        store_stats: also write the statistics into ``ae_ckpt`` (rank 0; see ``AutoEncoder.store_latent_stats``).
 
     Returns:
-        ``{"encoded": n, "skipped": n, "stats": {...}, "manifest": path}`` (counts of this rank).
+        ``{"encoded": n, "skipped": n, "stale": n, "stats": {...}, "manifest": path}`` (counts of this rank;
+        ``stale``: latents of another autoencoder or damaged ones that were re-encoded).
 
     Raises:
-        FileNotFoundError: missing manifest or checkpoint.
+        FileNotFoundError: missing manifest, CT or checkpoint.
         ValueError: bad manifest, a checkpoint that is not an autoencoder or does not match the data.
     """
     rank, world = _dist_setup()
-    manifest = Manifest.load(manifest_path)
-    model = load_autoencoder(ae_ckpt, map_location=device)
-    _check_window(model, manifest.path)
+    manifest = Manifest.load(manifest_path, check_files=False)
+    ae = load_autoencoder(ae_ckpt, map_location=device)
+    _check_window(ae, manifest.path)
+    model, fingerprint = ae.model, ae.fingerprint
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         model.encode_chunk_size = chunk_size
     out = Path(out_dir) if out_dir is not None else manifest.path.parent / "latents"
+    stats_path = manifest.path.parent / STATS_FILE
+    if rank == 0 and stats_path.is_file():
+        try:
+            old = LatentStats.load(stats_path).ae_fingerprint
+        except (ValueError, OSError):
+            old = None
+        if old != fingerprint:  # latents are about to change: the old statistics must not outlive them
+            stats_path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     collate = CTCollate(window_for(manifest.path))
     orient = tio.ToOrientation(ORIENTATION)
@@ -106,21 +126,22 @@ def generate(
     mine = list(range(rank, len(rows), world))
     c = model.latent_channels
     acc = torch.zeros(3, c, dtype=torch.float64)  # count, sum, sum of squares per channel (train split)
-    encoded = skipped = 0
+    encoded = skipped = stale = 0
     for i in tqdm(mine, desc="encoding", disable=not progress or rank != 0):
         sid, ct_path, split = rows.at[i, "subject_id"], rows.at[i, "ct"], rows.at[i, "split"]
         path = out / f"{sid}.pt"
         subject = orient(tio.Subject(ct=tio.ScalarImage(ct_path), subject_id=sid))
         spatial = tuple(subject["ct"].spatial_shape)
         expected = (c, *(s // model.downsample_factor for s in spatial))
-        if _latent_ok(path, expected):
-            z = torch.load(path, map_location="cpu", weights_only=True)
+        z, why = _existing_latent(path, expected, fingerprint)
+        if z is not None:
             skipped += 1
         else:
+            stale += why in ("stale", "damaged")
             x = collate([subject])["ct"].to(device)  # (1, 1, D, H, W) in [-1, 1]
             with torch.no_grad():
                 z = model.encode(x)[0].float().cpu()  # (C, d, h, w)
-            atomic_save_torch(z, path)
+            write_latent(z, path, fingerprint)
             encoded += 1
         if split == "train":
             flat = z.double().reshape(c, -1)
@@ -135,51 +156,58 @@ def generate(
     std = (acc[2] / acc[0] - mean.pow(2)).clamp_min(1e-12).sqrt()
     mean_all = float(acc[1].sum() / acc[0].sum())
     std_all = float((acc[2].sum() / acc[0].sum() - mean_all**2) ** 0.5)
-    stats = {
-        "mean": mean.tolist(), "std": std.tolist(), "mean_all": mean_all, "std_all": std_all,
-        "scale_factor": 1.0 / max(std_all, 1e-6),  # latent diffusion's single scale (z * scale_factor)
-        "count": int(acc[0, 0]), "split": "train", "ae_checkpoint": str(Path(ae_ckpt).resolve()),
-        "downsample_factor": model.downsample_factor, "latent_channels": c,
-    }
+    stats = LatentStats(
+        mean=mean.tolist(), std=std.tolist(), ae_fingerprint=fingerprint, ae_checkpoint=str(Path(ae_ckpt).resolve()),
+        count=int(acc[0, 0]), split="train",
+        extra={"mean_all": mean_all, "std_all": std_all,
+               "scale_factor": 1.0 / max(std_all, 1e-6),  # latent diffusion's single scale (z * scale_factor)
+               "downsample_factor": model.downsample_factor, "latent_channels": c},
+    )
+    if world > 1:
+        dist.barrier()  # every rank's latents are on disk before the manifest and statistics name them
     if rank == 0:
         frame = rows.copy()
         frame["latent"] = [str((out / f"{sid}.pt").resolve()) for sid in frame["subject_id"]]
         Manifest.write(frame, manifest.path)
-        atomic_write_json(manifest.path.parent / "latent_stats.json", stats)
-        if store_stats:
-            store_latent_stats(ae_ckpt, stats["mean"], stats["std"],
-                               {"manifest": str(manifest.path.resolve()), "split": "train", "count": stats["count"]})
+        stats.save(stats_path)
     if world > 1:
         dist.barrier()
-    return {"encoded": encoded, "skipped": skipped, "stats": stats, "manifest": str(manifest.path)}
+    return {"encoded": encoded, "skipped": skipped, "stale": stale, "stats": stats.to_dict(),
+            "manifest": str(manifest.path)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI; bad input -> one line on stderr, exit code 2."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineParser:
+    """The ``train.generate_training_latent`` argument parser."""
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", "--data-path", dest="manifest", required=True, help="manifest.csv of a prepared dataset")
     p.add_argument("--ae-ckpt", "--AE-ckpt", dest="ae_ckpt", required=True, help="train_PatchVolume checkpoint")
     p.add_argument("--out-dir", default=None, help="latent folder (default: <manifest dir>/latents)")
-    p.add_argument("--chunk-size", type=int, default=None, help="patches per encoder call (memory bound)")
+    p.add_argument("--chunk-size", type=number(int, min=1), default=None, help="patches per encoder call (memory bound)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-store-stats", action="store_true",
-                   help="leave the autoencoder checkpoint untouched (statistics only in latent_stats.json)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _work(args) -> int:
     try:
         if args.device.startswith("cuda") and "LOCAL_RANK" in os.environ:
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        result = generate(args.manifest, args.ae_ckpt, args.out_dir, args.chunk_size, args.device, not args.no_progress,
-                          store_stats=not args.no_store_stats)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"generate_training_latent: error: {e}", file=sys.stderr)
-        return 2
+        result = generate(args.manifest, args.ae_ckpt, args.out_dir, args.chunk_size, args.device, not args.no_progress)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"latents: {result['encoded']} encoded, {result['skipped']} kept (rank 0); manifest {result['manifest']}")
+        note = (f" ({result['stale']} of them replaced latents of another autoencoder or damaged files)"
+                if result["stale"] else "")
+        print(f"latents: {result['encoded']} encoded{note}, {result['skipped']} kept (rank 0); "
+              f"manifest {result['manifest']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI; bad input -> one line on stderr, exit code 2."""
+    args = build_parser().parse_args(argv)
+    return run_cli(PROG, lambda: _work(args))
 
 
 if __name__ == "__main__":

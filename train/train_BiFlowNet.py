@@ -15,13 +15,17 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.errors import InstantiationException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddpm.biflownet_module import NonFiniteLossError
+from dataset.cli import hydra_entry, hydra_task, quiet_libraries
+from dataset.latents import check_latent_origin
+from dataset.manifest import Manifest
 from ddpm.loading import read_network_config
 from ddpm.preflight import check_training_inputs, read_latent_stats
-from train.common import instantiate_group, resolve_ckpt_path
+from train.common import (ProgressReport, RunState, build_trainer, check_resume, configure_threads, data_identity,
+                          instantiate, instantiate_group, resolve_ckpt_path, save_run_config)
+
+PROG = "python -m train.train_BiFlowNet"
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
@@ -33,15 +37,40 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return max(per_node, 1) * int(trainer_cfg.get("num_nodes", 1))
 
 
+def per_rank_batch(global_batch: int, world: int, n_train: int, drop_last: bool, manifest: object) -> int:
+    """The batch each rank loads; lowered (with a warning) when the training split holds no full batch.
+
+    With ``drop_last`` a split smaller than the per-rank batch would give zero training batches, so the
+    run would end having trained nothing; instead every rank trains on ``n_train // world`` samples per
+    batch and says so.
+
+    Raises:
+        ValueError: fewer training subjects than ranks, or a global batch not divisible by the ranks.
+    """
+    if global_batch < 1 or global_batch % world:
+        raise ValueError(f"global_batch_size={global_batch} is not divisible by the world size {world}; expected a "
+                         "positive multiple of it")
+    if n_train < world:
+        raise ValueError(f"{manifest}: {n_train} training subjects for {world} ranks (global_batch_size="
+                         f"{global_batch}); every rank needs at least one subject")
+    batch = global_batch // world
+    if drop_last and n_train // world < batch:
+        lowered = n_train // world
+        print(f"{PROG}: warning: {n_train} training subjects hold no full batch of global_batch_size={global_batch} "
+              f"on {world} rank(s); training with batch {lowered} per rank (global {lowered * world})",
+              file=sys.stderr, flush=True)
+        return lowered
+    return batch
+
+
 def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     """Build datamodule, module, callbacks, loggers and trainer from ``cfg``; fit; report where things went.
 
     ``callbacks`` are added to the configured ones (``train.tune`` passes its trial reporter here).
     """
-    L.seed_everything(int(cfg.seed), workers=True)
+    configure_threads(cfg.get("threads", "auto"))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     world = world_size(cfg.trainer)
-    if cfg.global_batch_size % world:
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by the world size {world}")
     if cfg.get("init_from"):
         # fine-tuning: the base checkpoint defines the architecture; only runtime settings come from the config
         base_net = read_network_config(cfg.init_from)
@@ -52,25 +81,33 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     xray_size = net.xray.image_size if net.get("xray") else None
     check_training_inputs(cfg.data.manifest, net.in_channels, net.latent_shape, xray_size)
     stats = read_latent_stats(cfg.latent_stats) if cfg.latent_stats else None
+    if stats is not None:  # every latent must come from the autoencoder the statistics name
+        check_latent_origin(Manifest.load(cfg.data.manifest, check_files=False).frame["latent"], stats, cfg.latent_stats)
+    identity = data_identity(cfg.data.manifest, {"latent_autoencoder": stats.ae_fingerprint if stats else None})
+    batch = per_rank_batch(int(cfg.global_batch_size), world, identity["train_subjects"],
+                           bool(cfg.data.get("drop_last", False)), cfg.data.manifest)
 
-    datamodule = hydra.utils.instantiate(cfg.data, batch_size=cfg.global_batch_size // world, _convert_="all")
-    try:
-        module = hydra.utils.instantiate(cfg.module, latent_stats=stats, _convert_="all")
-    except InstantiationException as e:
-        # bad settings (e.g. a LoRA pattern that matches nothing, a missing init_from) are input errors
-        if isinstance(e.__cause__, (ValueError, FileNotFoundError)):
-            raise e.__cause__ from None
-        raise
+    checkpoint_dir = Path(cfg.callbacks.checkpoint.dirpath)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir)
+    if ckpt_path is not None:
+        lora = cfg.module.get("lora")
+        check_resume(ckpt_path, "biflownet", identity,
+                     {"network": OmegaConf.to_container(net, resolve=True),
+                      "lora": OmegaConf.to_container(lora, resolve=True) if lora is not None else None},
+                     cfg.run_name)
+
+    datamodule = instantiate(cfg.data, batch_size=batch)
+    module = instantiate(cfg.module, latent_stats=stats.to_dict() if stats else None)
     trainable, total = module.trainable_counts()
     if module.lora_settings is not None:
         from ddpm.lora import describe_counts
 
         print(describe_counts(trainable, total), flush=True)
-    callbacks = [*instantiate_group(cfg, "callbacks"), *callbacks]
-    loggers = instantiate_group(cfg, "logger")
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
-    checkpoint_dir = Path(cfg.callbacks.checkpoint.dirpath)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir))
+    callbacks = [*instantiate_group(cfg, "callbacks"), RunState(identity, int(cfg.seed)), ProgressReport(checkpoint_dir), *callbacks]
+    trainer = build_trainer(cfg.trainer, callbacks, instantiate_group(cfg, "logger"))
+    if trainer.is_global_zero:
+        save_run_config(cfg, cfg.paths.output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {
         "global_step": trainer.global_step,
         "checkpoint_dir": str(checkpoint_dir),
@@ -84,16 +121,10 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
 
 @hydra.main(config_path="../config", config_name="train_BiFlowNet", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra wrapper: bad input -> one line on stderr, exit 2; non-finite loss -> exit 3."""
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train_BiFlowNet: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as e:
-        print(f"train_BiFlowNet: error: {e}", file=sys.stderr)
-        sys.exit(3)
+    """Hydra wrapper: bad input -> one line on stderr, exit 2; non-finite loss -> exit 3; Ctrl-C -> 130."""
+    quiet_libraries()
+    hydra_task(PROG, lambda: run(cfg) and None, output_dir=cfg.paths.output_dir)
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main, PROG)

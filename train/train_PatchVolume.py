@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,12 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from dataset import DatasetInfo
-from train.common import instantiate_group, resolve_ckpt_path
+from dataset.checkpoint import read_checkpoint
+from dataset.cli import hydra_entry, hydra_task, quiet_libraries
+from train.common import (ProgressReport, RunState, build_trainer, check_resume, configure_threads, data_identity,
+                          instantiate, instantiate_group, resolve_ckpt_path, save_run_config)
+
+PROG = "python -m train.train_PatchVolume"
 
 
 def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
@@ -24,25 +28,41 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
 
     ``callbacks`` are added to the configured ones (``train.tune`` passes its trial reporter here).
     """
-    L.seed_everything(int(cfg.seed), workers=True)
+    configure_threads(cfg.get("threads", "auto"))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no manifest.csv; prepare a dataset first (python -m dataset.prepare)")
-    if cfg.stage == 2 and cfg.resume_from_checkpoint and not Path(cfg.resume_from_checkpoint).is_file():
-        raise FileNotFoundError(f"{cfg.resume_from_checkpoint}: resume_from_checkpoint (stage-1 checkpoint) does not exist")
+    if cfg.stage not in (1, 2):
+        raise ValueError(f"stage={cfg.stage!r} is invalid; expected 1 or 2")
+    if cfg.stage == 1 and cfg.resume_from_checkpoint:
+        raise ValueError(f"resume_from_checkpoint={cfg.resume_from_checkpoint} is the stage-1 checkpoint that "
+                         "stage=2 starts from; stage 1 would ignore it (to continue a run use ckpt_path=...)")
+    if cfg.stage == 2:
+        if not cfg.resume_from_checkpoint:
+            raise ValueError("stage=2 needs resume_from_checkpoint=<stage-1 checkpoint (.ckpt)>")
+        read_checkpoint(cfg.resume_from_checkpoint, "autoencoder", mmap=True)  # one line for a bad file, before any work
     info = DatasetInfo.load(manifest.parent).to_dict() if (manifest.parent / "dataset.json").is_file() else None
 
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    module = hydra.utils.instantiate(cfg.module, dataset_info=info, _convert_="all")
-    callbacks = [*instantiate_group(cfg, "callbacks"), *callbacks]
-    loggers = instantiate_group(cfg, "logger")
+    checkpoint_dir = Path(cfg.callbacks.checkpoint.dirpath)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir)
+    identity = data_identity(manifest)
+    if ckpt_path is not None:
+        check_resume(ckpt_path, "autoencoder", identity,
+                     {"autoencoder": OmegaConf.to_container(cfg.autoencoder, resolve=True), "stage": int(cfg.stage)},
+                     cfg.run_name)
+
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, dataset_info=info)
+    callbacks = [*instantiate_group(cfg, "callbacks"), RunState(identity, int(cfg.seed)), ProgressReport(checkpoint_dir), *callbacks]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("strategy") == "ddp":
         # G and D are stepped by separate backward passes, each leaving the other network's parameters unused
         trainer_cfg["strategy"] = "ddp_find_unused_parameters_true"
-    trainer: L.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, _convert_="all")
-    checkpoint_dir = Path(cfg.callbacks.checkpoint.dirpath)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir))
+    trainer = build_trainer(trainer_cfg, callbacks, instantiate_group(cfg, "logger"))
+    if trainer.is_global_zero:
+        save_run_config(cfg, cfg.paths.output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {
         "global_step": trainer.global_step,
         "iteration": int(module.iteration),
@@ -54,13 +74,10 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
 
 @hydra.main(config_path="../config", config_name="train_PatchVolume", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra wrapper: bad input -> one line on stderr, exit 2."""
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train_PatchVolume: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """Hydra wrapper: bad input -> one line on stderr, exit 2; Ctrl-C -> 130."""
+    quiet_libraries()
+    hydra_task(PROG, lambda: run(cfg) and None, output_dir=cfg.paths.output_dir)
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main, PROG)

@@ -11,8 +11,9 @@ run to ``<tune_dir>/trial_<number>`` and reports the validation metric after eve
 pruner can stop it early. A NaN/Inf loss or metric prunes the trial. Rerunning the same command resumes
 the study: finished trials are kept, trials cut short by an interruption or a crash are run again with
 the same parameters under new numbers, and only the missing trials are added. The best parameters are
-printed and saved (atomically, after every new best) as an experiment config:
-``python -m train.train_BiFlowNet experiment=tuned_my-study ...``.
+printed and saved (atomically, after every new best) as an experiment config under the study's folder,
+``<tune_dir>/experiment/tuned_<study_name>.yaml`` (``best_config=...`` to change it):
+``python -m train.train_BiFlowNet hydra.searchpath=[file://<tune_dir>] experiment=tuned_my-study ...``.
 
 Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (rerun to resume).
 """
@@ -38,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import FrozenTrial, TrialState
 
+from dataset.cli import quiet_libraries, run_cli
 from dataset.io import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -319,7 +321,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, max_retry: i
         print(f"tune: trial {trial.number} failed on attempt {attempt}; not retried (max_retry={max_retry})", file=sys.stderr)
         return
     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "attempt": attempt + 1})
-    print(f"tune: trial {trial.number} did not finish; its parameters are queued again", file=sys.stderr)
+    print(f"tune: trial {trial.number} did not finish; its parameters are queued again", flush=True)
 
 
 def _close_wandb() -> None:
@@ -473,20 +475,14 @@ def report_best(job: TuneJob, study: optuna.Study) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: bad input -> one line on stderr and 2; interrupted -> 130."""
+    """Command line: bad input -> one line on stderr and 2; interrupted -> 130 (one line)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    try:
-        search(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tune: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tune: interrupted; rerun the same command to resume the study", file=sys.stderr)
-        return 130
-    return 0
+    quiet_libraries()
+    return run_cli("python -m train.tune", lambda: search(argv) and None,
+                   interrupted="rerun the same command to resume the study")
 
 
 if __name__ == "__main__":

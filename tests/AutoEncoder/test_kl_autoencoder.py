@@ -1,9 +1,8 @@
 """KL (Gaussian bottleneck) autoencoder: posterior maths, deterministic encoding vs sampled training forward, a
-training step, bad configurations, latent statistics stored in the checkpoint, and a Hydra run of ae_kl_tiny."""
+training step, bad configurations, latent statistics of the training latents, and a Hydra run of ae_kl_tiny."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from AutoEncoder import GaussianBottleneck, PatchVolumeAutoencoder, PatchVolumeModule, load_autoencoder, store_latent_stats
+from AutoEncoder import GaussianBottleneck, PatchVolumeAutoencoder, PatchVolumeModule, load_autoencoder
+from dataset.latents import LatentStats, read_latent
 from dataset import CTDataModule
 from tests.AutoEncoder.conftest import tiny_config
 from tests.AutoEncoder.test_patch_volume_module import _GradCheck, _Volumes
@@ -104,54 +104,28 @@ def _train_kl_checkpoint(manifest: Path, out: Path) -> Path:
     return out / "kl.ckpt"
 
 
-def test_latent_statistics_are_computed_from_training_latents_and_stored_in_the_checkpoint(
-    tiny_prepared_dataset: Path, tmp_path: Path
-) -> None:
+def test_latent_statistics_are_computed_from_training_latents(tiny_prepared_dataset: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_prepared_dataset.parent, tmp_path / "data")
     manifest = tmp_path / "data" / "manifest.csv"
     ckpt = _train_kl_checkpoint(manifest, tmp_path)
-    before = load_autoencoder(ckpt)
-    assert torch.equal(before.latent_mean, torch.zeros(4)) and torch.equal(before.latent_std, torch.ones(4))
-
+    blob = ckpt.read_bytes()
     generate(manifest, ckpt, chunk_size=4, progress=False)
+    assert ckpt.read_bytes() == blob  # the autoencoder checkpoint is never rewritten
     frame = pd.read_csv(manifest)
-    train = torch.stack([torch.load(manifest.parent / p, weights_only=True)
+    train = torch.stack([read_latent(manifest.parent / p)[0]
                          for p, s in zip(frame["latent"], frame["split"]) if s == "train"])  # (N, C, d, h, w)
     per_channel = train.transpose(0, 1).reshape(4, -1).double()
     mean, std = per_channel.mean(1), per_channel.std(1, unbiased=False)
-    stats = json.loads((manifest.parent / "latent_stats.json").read_text())
-    torch.testing.assert_close(torch.tensor(stats["scale_factor"]), 1.0 / per_channel.std(unbiased=False).float(),
+    stats = LatentStats.load(manifest.parent / "latent_stats.json")
+    torch.testing.assert_close(torch.tensor(stats.extra["scale_factor"], dtype=torch.float64), 1.0 / per_channel.std(unbiased=False),
                                rtol=1e-4, atol=0)
-
-    model = load_autoencoder(ckpt)
-    torch.testing.assert_close(model.latent_mean, mean.float(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(model.latent_std, std.float(), rtol=1e-4, atol=1e-5)
-    normalised = model.normalize_latent(train).transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(torch.tensor(stats.mean, dtype=torch.float64), mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(stats.std, dtype=torch.float64), std, rtol=1e-4, atol=1e-5)
+    assert stats.ae_fingerprint == load_autoencoder(ckpt).fingerprint and stats.ae_checkpoint == str(ckpt.resolve())
+    normalised = stats.normalize(train).transpose(0, 1).reshape(4, -1)
     torch.testing.assert_close(normalised.mean(1), torch.zeros(4), atol=1e-4, rtol=0)
     torch.testing.assert_close(normalised.std(1, unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
-    torch.testing.assert_close(model.denormalize_latent(model.normalize_latent(train)), train, atol=1e-5, rtol=1e-5)
-    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert raw["latent_stats"]["count"] == stats["count"] and raw["optimizer_states"]  # still resumable
-
-    # --no-store-stats / store_stats=False leaves the checkpoint byte for byte as it was
-    blob = ckpt.read_bytes()
-    generate(manifest, ckpt, progress=False, store_stats=False)
-    assert ckpt.read_bytes() == blob
-
-
-def test_store_latent_stats_rejects_bad_values(tmp_path: Path) -> None:
-    module = PatchVolumeModule(_kl_config(), loss=NO_GAN)
-    path = tmp_path / "ae.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    with pytest.raises(ValueError, match="1 or 4 values"):
-        store_latent_stats(path, [0.0, 1.0], 1.0)
-    with pytest.raises(ValueError, match="must be positive"):
-        store_latent_stats(path, 0.0, [1.0, 0.0, 1.0, 1.0])
-    torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="no autoencoder latent statistics"):
-        store_latent_stats(tmp_path / "other.ckpt", 0.0, 1.0)
-    store_latent_stats(path, 0.5, 2.0)  # a scalar applies to every channel
-    assert load_autoencoder(path).latent_std.tolist() == [2.0] * 4
+    torch.testing.assert_close(stats.denormalize(stats.normalize(train)), train, atol=1e-5, rtol=1e-5)
 
 
 def test_kl_experiment_composes_and_trains_through_the_entry_point(tiny_prepared_dataset: Path, tmp_path: Path) -> None:
@@ -167,5 +141,5 @@ def test_kl_experiment_composes_and_trains_through_the_entry_point(tiny_prepared
     assert cfg.module.autoencoder.bottleneck == "kl" and cfg.module.autoencoder.n_codes == 0
     out = run(cfg)
     assert out["global_step"] == 2 and out["metrics"]["train/kl"] > 0 and "val/psnr" in out["metrics"]
-    model = load_autoencoder(out["last_checkpoint"])
+    model = load_autoencoder(out["last_checkpoint"]).model
     assert model.bottleneck == "kl" and model.gaussian is not None and model.quantizer is None

@@ -36,7 +36,7 @@ def test_loads_from_prefilled_torch_home(medicalnet_weights: Path, tmp_path: Pat
 
 def test_missing_weights_error_says_how_to_provide_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="TORCH_HOME.*perceptual weight to 0"):
+    with pytest.raises(FileNotFoundError, match="loss.perceptual.weights_path=.*TORCH_HOME.*loss.perceptual_weight=0"):
         load_medicalnet(None)
     with pytest.raises(FileNotFoundError, match="not found at"):
         load_medicalnet(tmp_path / "nope.pth")

@@ -101,29 +101,41 @@ def test_checkpoint_keeps_codebook_and_resume_does_not_reinitialise(tmp_path: Pa
 
 def test_load_autoencoder_rebuilds_a_frozen_eval_model(tmp_path: Path) -> None:
     module, path = _train_stage1(tmp_path)
-    model = load_autoencoder(path)
+    loaded = load_autoencoder(path)
+    model = loaded.model
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     x = _Volumes()[0]["ct"][None]
     module.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x).reconstruction, module.autoencoder(x).reconstruction)
     assert torch.equal(model.quantizer.embedding, module.autoencoder.quantizer.embedding)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    assert loaded.config == module.hparams["autoencoder"] and loaded.path == path
+    # the fingerprint names these weights: stable across loads, different after one weight changes
+    assert loaded.fingerprint == load_autoencoder(path).fingerprint
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"]["autoencoder.decoder.conv_out.bias"] += 1e-3
+    torch.save(ckpt, tmp_path / "changed.ckpt")
+    assert load_autoencoder(tmp_path / "changed.ckpt").fingerprint != loaded.fingerprint
+    with pytest.raises(FileNotFoundError, match="no such file"):
         load_autoencoder(tmp_path / "missing.ckpt")
     bad = tmp_path / "bad.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, bad)
-    with pytest.raises(ValueError, match="not a PatchVolume autoencoder checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
         load_autoencoder(bad)
     (tmp_path / "junk.ckpt").write_text("hello")
-    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+    with pytest.raises(ValueError, match="junk.ckpt: not a checkpoint or torch file"):
         load_autoencoder(tmp_path / "junk.ckpt")
+    del ckpt["state_dict"]["autoencoder.decoder.conv_out.bias"]
+    torch.save(ckpt, tmp_path / "incompatible.ckpt")
+    with pytest.raises(ValueError, match=r"incompatible: .*1 missing \(e.g. decoder.conv_out.bias\)"):
+        load_autoencoder(tmp_path / "incompatible.ckpt")
 
 
 def test_stage2_freezes_encoder_and_codebook(tmp_path: Path) -> None:
     _, path = _train_stage1(tmp_path)
     with pytest.raises(ValueError, match="stage1_checkpoint"):
         PatchVolumeModule(tiny_config(4), stage=2)
-    with pytest.raises(ValueError, match="does not match the autoencoder config"):
+    with pytest.raises(ValueError, match="incompatible: its weights do not fit the autoencoder config of this run"):
         PatchVolumeModule(tiny_config(8), loss={"perceptual_weight": 0.0, "gan_weight": 0.0}, stage=2, stage1_checkpoint=str(path))
     module = PatchVolumeModule(tiny_config(4), loss={"perceptual_weight": 0.0, "gan_weight": 0.0}, stage=2, stage1_checkpoint=str(path))
     frozen = {k: v.clone() for k, v in module.autoencoder.state_dict().items() if k.startswith(("encoder.", "quantizer."))}

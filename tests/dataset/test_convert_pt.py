@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.cli import exit_code
 from dataset import DatasetInfo, HUWindow, Manifest, chest_phantom, image_to_volume, load_xray, read_ct
 from dataset.convert_pt import XrayImport, main
 
@@ -210,7 +211,8 @@ def test_geometry_only_when_given(tmp_path: Path, tiny_prepared_dataset: Path, c
 ])
 def test_bad_options_exit_2(extra: list[str], needle: str, tmp_path: Path, capsys) -> None:
     cts, xrays = _seed_layout(tmp_path, 3)
-    assert main(["--ct-dir", str(cts), "--xray-dir", str(xrays), "--out", str(tmp_path / "out"), *extra, *ARGS]) == 2
+    argv = ["--ct-dir", str(cts), "--xray-dir", str(xrays), "--out", str(tmp_path / "out"), *extra, *ARGS]
+    assert exit_code(main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and not (tmp_path / "out").exists()
 

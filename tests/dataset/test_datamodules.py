@@ -44,7 +44,7 @@ def test_ct_datamodule_uses_distributed_sampler(tiny_prepared_dataset: Path, tmp
     try:
         dm = CTDataModule(tiny_prepared_dataset, patch_size=8, samples_per_volume=1, queue_length=4)
         loader = dm.train_dataloader()
-        assert isinstance(loader.dataset.queue.subject_sampler, torch.utils.data.DistributedSampler)
+        assert isinstance(loader.dataset.subject_sampler, torch.utils.data.DistributedSampler)
         assert next(iter(loader))["ct"].shape == (2, 1, 8, 8, 8)
     finally:
         torch.distributed.destroy_process_group()

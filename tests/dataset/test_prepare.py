@@ -89,7 +89,8 @@ def test_all_failed_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
         (["--input", "{raw}", "--out", "X", "--spacing", "-1"], "spacing"),
         (["--input", "{raw}", "--out", "X", "--hu-min", "5", "--hu-max", "0"], "HU window"),
         (["--input", "{raw}", "--out", "X", "--sdd", "100"], "sdd"),
-        (["--input", "{raw}", "--out", "X", "--size", "abc"], "invalid int"),
+        (["--input", "{raw}", "--out", "X", "--size", "abc"], "not an integer"),
+        (["--input", "{raw}", "--out", "X", "--sid", "nan"], "argument --sid: 'nan' is not a finite number"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args: list[str], match: str, tmp_path: Path, capsys) -> None:
@@ -151,3 +152,71 @@ def test_all_subjects_failing_exits_2_and_writes_no_manifest(tmp_path: Path, cap
     assert "all 1 subjects failed; nothing written" in captured.err
     assert "failed broken" in captured.out  # the summary names the subject and why
     assert not (out / "manifest.csv").exists()
+
+
+def test_prepared_cts_share_the_isocentre_frame_of_generated_cts(tiny_prepared_dataset: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+    import torchio as tio
+
+    from evaluation.generation import CTGenerator
+
+    info = DatasetInfo.load(tiny_prepared_dataset.parent)
+    frame = info.extra["world_frame"]
+    assert frame["convention"] == "isocentre"
+    rows = Manifest.load(tiny_prepared_dataset).frame
+    assert sorted(frame["scanner_centre_ras_mm"]) == sorted(rows["subject_id"])
+    gen = CTGenerator(None, None, info.window, info.spacing, torch.device("cpu"))  # to_hu_image needs no network
+    generated = gen.to_hu_image(torch.zeros(1, *info.shape)).affine
+    raw = tiny_prepared_dataset.parent.parent / "raw"
+    for row in rows.itertuples():
+        affine = nib.load(row.ct).affine
+        np.testing.assert_allclose(affine, generated, atol=1e-4)  # same grid: they overlay in a viewer
+        np.testing.assert_allclose(affine @ [15.5, 15.5, 15.5, 1], [0, 0, 0, 1], atol=1e-4)  # centre at the origin
+        # the scanner position of the volume centre is kept (within a voxel: crop / pad moves it by at most half)
+        source = tio.ToOrientation("LPI")(tio.ScalarImage(raw / f"{row.subject_id}.nii.gz"))
+        w, h, d = source.spatial_shape
+        centre = (source.affine @ [(w - 1) / 2, (h - 1) / 2, (d - 1) / 2, 1])[:3]
+        assert np.abs(np.asarray(frame["scanner_centre_ras_mm"][row.subject_id]) - centre).max() <= 8.0
+
+
+def test_a_dataset_of_the_scanner_frame_is_refused_with_a_hint(tmp_path: Path, capsys) -> None:
+    import json
+
+    _raw(tmp_path / "raw", 3)
+    out = tmp_path / "out"
+    assert main(["--input", str(tmp_path / "raw"), "--out", str(out), *ARGS]) == 0
+    info = json.loads((out / "dataset.json").read_text())
+    info.pop("world_frame")  # as written before prepared CTs were centred on the isocentre
+    (out / "dataset.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["--input", str(tmp_path / "raw"), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older version" in err[0] and "new --out" in err[0]
+
+
+def test_crop_warning_says_how_much_and_which_spacing_fits() -> None:
+    from dataset.prepare import crop_warning
+
+    # 32 x 8 mm = 256 mm field of view; subject a is 300 mm long: 1 - 256 / 300 = 14.7% cropped
+    text = crop_warning({"a": [300.0, 200.0, 200.0], "b": [100.0, 100.0, 100.0]}, (32, 32, 32), (8.0, 8.0, 8.0))
+    assert "covers 256 x 256 x 256 mm" in text and "1 of 2 CTs were cropped" in text
+    assert "up to 15% of a's extent" in text and "--spacing 9.38" in text  # 300 mm / 32 voxels
+    assert crop_warning({"b": [100.0, 100.0, 100.0]}, (32, 32, 32), (8.0, 8.0, 8.0)) is None
+
+
+def test_prepare_warns_when_it_crops(tmp_path: Path, capsys) -> None:
+    _raw(tmp_path / "raw", 3)  # 16 voxels x 15 mm = 240 mm; the target 16 x 8 mm = 128 mm crops them
+    assert main(["--input", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--size", "16", "--spacing", "8",
+                 "--drr-size", "16", "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "3 of 3 CTs were cropped" in err[0] and "--spacing 15" in err[0]
+
+
+def test_nested_dicom_tree_suggests_convert_dicom(tmp_path: Path, capsys) -> None:
+    series = tmp_path / "tree" / "patient1" / "study1"
+    series.mkdir(parents=True)
+    (series / "slice1.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    assert main(["--input", str(tmp_path / "tree"), "--out", str(tmp_path / "out"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no CTs" in err[0] and "python -m dataset.convert_dicom" in err[0]

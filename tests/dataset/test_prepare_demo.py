@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli import exit_code
 from dataset import DatasetInfo, HUWindow, Manifest, chest_phantom, image_to_volume
 from dataset.prepare_demo import augment, example_ct_path, fit_spacing, main
 
@@ -37,4 +38,4 @@ def test_demo_cli_small(tmp_path: Path, capsys) -> None:
     info = DatasetInfo.load(out)
     assert info.shape == (24, 24, 24) and "label_names" in info.extra
     assert main(args) == 0 and "0 prepared, 6 skipped" in capsys.readouterr().out
-    assert main(["--out", str(out), "--subjects", "2"]) == 2
+    assert exit_code(main, ["--out", str(out), "--subjects", "2"]) == 2

@@ -147,7 +147,7 @@ def test_adapter_that_does_not_fit_is_refused(trained: dict) -> None:
 
 def test_missing_or_foreign_adapter_folders(trained: dict, tmp_path: Path) -> None:
     model = load_biflownet(trained["base"]).model
-    with pytest.raises(FileNotFoundError, match="adapter folder not found"):
+    with pytest.raises(FileNotFoundError, match="no such folder; expected a LoRA adapter folder"):
         load_adapter(model, tmp_path / "nope")
     broken = tmp_path / "broken"
     shutil.copytree(trained["adapter"], broken)
@@ -159,6 +159,16 @@ def test_missing_or_foreign_adapter_folders(trained: dict, tmp_path: Path) -> No
     (foreign / ADAPTER_META).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a BiFlowNet LoRA adapter"):
         load_adapter(model, foreign)
+    with pytest.raises(ValueError, match="is a biflownet checkpoint; expected a LoRA adapter folder"):
+        load_adapter(model, trained["base"])  # a checkpoint given where the adapter belongs
+    with pytest.raises(ValueError, match="is a LoRA adapter folder; expected a biflownet checkpoint"):
+        load_biflownet(trained["adapter"])  # and the other way round
+    truncated = tmp_path / "truncated"
+    shutil.copytree(trained["adapter"], truncated)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="adapter_model.safetensors: truncated or not a safetensors file"):
+        load_adapter(model, truncated)
 
 
 def test_save_replaces_atomically_and_a_failed_save_keeps_the_old_adapter(trained: dict, tmp_path: Path,

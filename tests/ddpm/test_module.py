@@ -108,13 +108,13 @@ def test_normalisation_round_trip_and_bad_stats() -> None:
     torch.testing.assert_close(module.denormalize(module.normalize(z)), z)
     with pytest.raises(ValueError, match="std"):
         BiFlowNetModule(tiny_network(), DIFFUSION, latent_stats={"mean": 0.0, "std": 0.0})
-    with pytest.raises(ValueError, match="expected 1 or 4"):
+    with pytest.raises(ValueError, match="2 mean values; the latents have 4 channels"):
         BiFlowNetModule(tiny_network(), DIFFUSION, latent_stats={"mean": [0.0, 1.0], "std": 1.0})
 
 
 def test_load_biflownet_rejects_missing_and_foreign_files(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="no such file; expected a biflownet checkpoint"):
         load_biflownet(tmp_path / "nope.ckpt")
     torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="not a BiFlowNet checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
         load_biflownet(tmp_path / "other.ckpt")

@@ -28,4 +28,4 @@ def test_latent_stats_keep_the_autoencoder_path(tmp_path: Path) -> None:
     from ddpm.preflight import read_latent_stats
 
     (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [0.0], "std": [1.0], "ae_checkpoint": "ae.ckpt"}))
-    assert read_latent_stats(tmp_path / "latent_stats.json")["ae_checkpoint"] == str((tmp_path / "ae.ckpt").resolve())
+    assert read_latent_stats(tmp_path / "latent_stats.json").ae_checkpoint == str((tmp_path / "ae.ckpt").resolve())

@@ -93,6 +93,9 @@ def test_one_pair_writes_hu_nifti_with_training_spacing(checkpoints, pair, tiny_
     info = DatasetInfo.load(tiny_prepared_dataset.parent)
     assert data.shape == tuple(info.shape)
     assert np.allclose(sorted(np.abs(np.diag(affine)[:3])), sorted(info.spacing))
+    # one world frame: the generated CT overlays the prepared reference (same affine)
+    reference = Manifest.load(tiny_prepared_dataset).frame.iloc[0]["ct"]
+    assert np.allclose(affine, load(Path(reference))[1], atol=1e-4)
     assert info.window.hu_min - 1e-3 <= data.min() and data.max() <= info.window.hu_max + 1e-3
     assert data.std() > 0  # a decoded volume, not a constant
 
@@ -158,7 +161,7 @@ def bad_xray(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind,message", [("small", "expected a pair of the same size"), ("nan", "NaN"), ("range", "[0, 1]"),
-                                          ("corrupt", "cannot be read"), ("missing", "no such file")])
+                                          ("corrupt", "expected an X-ray tensor file"), ("missing", "no such file")])
 def test_bad_xray_is_one_clear_error_and_nothing_written(kind, message, checkpoints, pair, tmp_path, capsys):
     ap, _, _ = pair
     out = tmp_path / "ct.nii.gz"
@@ -180,7 +183,7 @@ def test_autoencoder_checkpoint_as_model_is_refused(checkpoints, pair, tmp_path,
     ap, lat, _ = pair
     code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["ae"], "--ap", ap, "--lat", lat,
                                       "--output", tmp_path / "ct.nii.gz"], capsys)
-    assert code == 2 and "not a BiFlowNet checkpoint" in err
+    assert code == 2 and "is an autoencoder checkpoint; expected a biflownet checkpoint" in err
 
 
 def test_autoencoder_of_other_latent_space_is_refused(checkpoints, tiny_prepared_dataset, tmp_path):
@@ -223,7 +226,7 @@ def test_xray_model_samples_unconditionally(checkpoints, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["sample_0000.nii.gz"]
     code, err = run_cli(class_conditional_generation, ["--checkpoint", checkpoints["xray"], "--output-dir", out,
                                                        "--label", 1], capsys)
-    assert code == 2 and "no usable class condition" in err
+    assert code == 2 and "--label 1" in err and "has no class condition" in err
 
 
 def test_recorded_stats_travel_into_checkpoint(checkpoints):
@@ -254,3 +257,78 @@ def test_guidance_scale_two_from_the_command_line(checkpoints, pair, tmp_path, c
     assert np.isfinite(guided).all() and guided.std() > 0
     # same seed and noise; only the guidance differs
     assert np.abs(guided - plain).max() > 50.0  # HU
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("--guidance-scale", "nan", "argument --guidance-scale/--guidance_scale: 'nan' is not a finite number"),
+    ("--guidance-scale", "-1", "argument --guidance-scale"),
+    ("--num-inference-steps", "0", "argument --num-inference-steps"),
+    ("--num-samples", "inf", "argument --num-samples"),
+    ("--seed", "1.5", "argument --seed: '1.5' is not an integer"),
+])
+def test_bad_numbers_are_refused_before_anything_is_written(option, value, needle, checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    out = tmp_path / "o" / "ct.nii.gz"
+    with pytest.raises(SystemExit) as e:
+        generate_ct.main([str(a) for a in ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat,
+                                           "--output", out, option, value]])
+    assert e.value.code == 2 and needle in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model, extra, needle", [
+    ("xray", ["--label", 99], "--label 99: "),  # a model without classes would ignore it
+    ("class", [], "is not conditioned on X-rays"),  # a class-only model would ignore the X-rays
+])
+def test_options_the_model_would_ignore_are_refused(model, extra, needle, checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    out = tmp_path / "ct.nii.gz"
+    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints[model], "--ap", ap, "--lat", lat, "--output", out,
+                                      "--num-inference-steps", 1, *extra], capsys)
+    assert code == 2 and needle in _one_line(err) and not out.exists()
+
+
+def test_guidance_without_a_condition_is_refused(checkpoints, tmp_path, capsys):
+    out = tmp_path / "samples"
+    code, err = run_cli(class_conditional_generation, ["--checkpoint", checkpoints["xray"], "--output-dir", out,
+                                                       "--guidance-scale", 2, "--num-inference-steps", 1], capsys)
+    assert code == 2 and "--guidance-scale 2: nothing to guide towards" in _one_line(err) and not out.exists()
+    code, err = run_cli(class_conditional_generation, ["--checkpoint", checkpoints["xray"], "--output-dir", out,
+                                                       "--all-labels"], capsys)
+    assert code == 2 and "--all-labels" in _one_line(err)
+
+
+@pytest.mark.parametrize("kind, needle", [("random", "not a checkpoint or torch file"),
+                                          ("truncated", "truncated or damaged"), ("payload", "unsafe content"),
+                                          ("empty", "is empty"), ("folder", "is a folder")])
+def test_broken_checkpoints_are_one_line_and_never_run_code(kind, needle, checkpoints, pair, tmp_path, capsys):
+    import os
+
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "bad.ckpt"
+    if kind == "random":
+        bad.write_bytes(bytes(range(256)) * 16)
+    elif kind == "truncated":
+        bad.write_bytes(checkpoints["xray"].read_bytes()[:5000])
+    elif kind == "payload":
+        torch.save({"state_dict": Payload()}, bad)
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    else:
+        bad.mkdir()
+    ap, lat, _ = pair
+    for model_option in ("--checkpoint", "--autoencoder"):
+        code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], model_option, bad, "--ap", ap,
+                                          "--lat", lat, "--output", tmp_path / "ct.nii.gz"], capsys)
+        line = _one_line(err)
+        assert code == 2 and str(bad) in line and needle in line
+    assert not marker.exists() and not (tmp_path / "ct.nii.gz").exists()

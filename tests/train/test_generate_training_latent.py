@@ -18,6 +18,8 @@ import torch
 from AutoEncoder import PatchVolumeModule, load_autoencoder
 from dataset import DatasetInfo
 from dataset.ct_datamodule import CTDataModule
+from dataset.latents import LatentStats, read_latent, write_latent
+from ddpm.preflight import check_training_inputs
 from train.generate_training_latent import generate, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,9 +52,10 @@ def test_generates_latents_stats_and_manifest(tiny_prepared_dataset: Path, ae_ch
     frame = pd.read_csv(manifest)
     assert result["encoded"] == len(frame) == 8
     assert all(not Path(p).is_absolute() for p in frame["latent"])
-    model = load_autoencoder(ae_checkpoint)
+    model = load_autoencoder(ae_checkpoint).model
     sid = frame["subject_id"][0]
-    z = torch.load(manifest.parent / frame["latent"][0], weights_only=True)
+    z, fingerprint = read_latent(manifest.parent / frame["latent"][0])
+    assert fingerprint == load_autoencoder(ae_checkpoint).fingerprint
     assert z.shape == (4, 8, 8, 8) and z.dtype == torch.float32
     # the stored latent is the autoencoder's encoding of the dataset's [-1, 1] volume
     dm = CTDataModule(manifest, patch_size=None, batch_size=1)
@@ -62,7 +65,7 @@ def test_generates_latents_stats_and_manifest(tiny_prepared_dataset: Path, ae_ch
     with torch.no_grad():  # fp32: oneDNN may pick other conv algorithms per call (~2e-5); a wrong latent is O(0.1) off
         torch.testing.assert_close(z, model.encode(x)[0], atol=1e-4, rtol=1e-4)
     stats = json.loads((manifest.parent / "latent_stats.json").read_text())
-    train = [torch.load(manifest.parent / p, weights_only=True) for p, s in zip(frame["latent"], frame["split"]) if s == "train"]
+    train = [read_latent(manifest.parent / p)[0] for p, s in zip(frame["latent"], frame["split"]) if s == "train"]
     allz = torch.stack(train).transpose(0, 1).reshape(4, -1)
     torch.testing.assert_close(torch.tensor(stats["mean"]), allz.mean(1).float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(stats["std"]), allz.std(1, unbiased=False).float(), atol=1e-4, rtol=1e-4)
@@ -78,7 +81,7 @@ def test_bad_input_exits_2(tiny_prepared_dataset: Path, ae_checkpoint: Path, tmp
     not_ae = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"network": {}}}, not_ae)
     assert main(["--manifest", str(manifest), "--ae-ckpt", str(not_ae), "--no-progress"]) == 2
-    assert "not a PatchVolume autoencoder checkpoint" in capsys.readouterr().err
+    assert "other.ckpt: not a checkpoint of this project" in capsys.readouterr().err
     # an autoencoder trained on another intensity window does not match this dataset
     ckpt = torch.load(ae_checkpoint, weights_only=True)
     ckpt["hyper_parameters"]["dataset_info"]["window"] = {"hu_min": -500.0, "hu_max": 500.0}
@@ -102,3 +105,42 @@ def test_torchrun_two_ranks_shard_the_subjects(tiny_prepared_dataset: Path, ae_c
     ddp_stats = json.loads((manifest.parent / "latent_stats.json").read_text())
     one_stats = json.loads((single.parent / "latent_stats.json").read_text())
     assert ddp_stats["mean"] == pytest.approx(one_stats["mean"], abs=1e-5)
+
+
+def _other_autoencoder(ae_checkpoint: Path, tmp_path: Path) -> Path:
+    """The same autoencoder with one decoder weight changed: another latent space as far as latents know."""
+    ckpt = torch.load(ae_checkpoint, weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("autoencoder.encoder."))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 0.05
+    torch.save(ckpt, tmp_path / "other_ae.ckpt")
+    return tmp_path / "other_ae.ckpt"
+
+
+def test_latents_of_another_autoencoder_are_re_encoded(tiny_prepared_dataset: Path, ae_checkpoint: Path,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    manifest = _copy(tiny_prepared_dataset, tmp_path)
+    first = generate(manifest, ae_checkpoint, progress=False)
+    other = _other_autoencoder(ae_checkpoint, tmp_path)
+    fp_other = load_autoencoder(other).fingerprint
+    assert main(["--manifest", str(manifest), "--ae-ckpt", str(other), "--no-progress"]) == 0
+    assert "8 encoded (8 of them replaced latents of another autoencoder or damaged files), 0 kept" in capsys.readouterr().out
+    frame = pd.read_csv(manifest)
+    for p in frame["latent"]:
+        assert read_latent(manifest.parent / p)[1] == fp_other
+    stats = LatentStats.load(manifest.parent / "latent_stats.json")
+    assert stats.ae_fingerprint == fp_other and stats.ae_checkpoint == str(other.resolve())
+    assert stats.mean != tuple(first["stats"]["mean"])  # statistics of the new latents, not the old ones
+
+    # a latent of the first autoencoder slipped back in is caught before training
+    z, _ = read_latent(manifest.parent / frame["latent"][0])
+    write_latent(z, manifest.parent / frame["latent"][0], load_autoencoder(ae_checkpoint).fingerprint)
+    with pytest.raises(ValueError, match="latent made by autoencoder .* rerun python -m train.generate_training_latent"):
+        check_training_inputs(manifest, 4, (8, 8, 8), None, stats, manifest.parent / "latent_stats.json")
+
+    # deleting latents/ by hand leaves a manifest that simply regenerates them
+    shutil.rmtree(manifest.parent / "latents")
+    with pytest.raises(FileNotFoundError, match="8 of 8 latent files are missing .* regenerate them"):
+        check_training_inputs(manifest, 4, (8, 8, 8), None, stats)
+    again = generate(manifest, other, progress=False)
+    assert again["encoded"] == 8 and again["stale"] == 0
+    check_training_inputs(manifest, 4, (8, 8, 8), None, LatentStats.load(manifest.parent / "latent_stats.json"))

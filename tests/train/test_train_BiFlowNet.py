@@ -142,3 +142,38 @@ def test_cli_turns_bad_input_into_exit_code_2(latent_dataset: Path, tmp_path: Pa
     assert proc.returncode == 2
     assert "train_BiFlowNet: error:" in proc.stderr and "latent has shape" in proc.stderr
     assert len(pd.read_csv(latent_dataset / "manifest.csv")) == 8
+
+
+def test_rerun_on_other_data_or_network_is_refused_naming_run_name(latent_dataset: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    run(_compose(_overrides(latent_dataset, runs, steps=1)))
+    other = tmp_path / "other"
+    shutil.copytree(latent_dataset, other)
+    frame = pd.read_csv(other / "manifest.csv", dtype=str, keep_default_na=False)
+    frame.loc[frame.index[frame["split"] == "train"][0], "split"] = "val"
+    frame.to_csv(other / "manifest.csv", index=False)
+    with pytest.raises(ValueError, match=r"cannot resume: it was trained on .*data/manifest.csv \(6 training subjects\), "
+                                         r"this run reads .*other/manifest.csv \(5\).*run_name=\.\.\. \(now tiny\), "
+                                         r"or start fresh with ckpt_path=null"):
+        run(_compose(_overrides(other, runs, steps=2)))
+    with pytest.raises(ValueError, match=r"its network differs from this run's \(model_channels: 16 there, 8 here\)"):
+        run(_compose([*_overrides(latent_dataset, runs, steps=2), "network.model_channels=8"]))
+    fresh = run(_compose([*_overrides(other, runs, steps=1), "ckpt_path=null"]))  # what the message offers
+    assert fresh["global_step"] == 1
+
+
+def test_fewer_training_subjects_than_the_batch_lowers_it_with_a_warning(capsys: pytest.CaptureFixture) -> None:
+    from train.train_BiFlowNet import per_rank_batch
+
+    assert per_rank_batch(8, 1, 10, True, "m.csv") == 8
+    assert per_rank_batch(8, 2, 10, True, "m.csv") == 4
+    assert capsys.readouterr().err == ""
+    assert per_rank_batch(8, 1, 3, True, "m.csv") == 3  # 3 subjects, batch 8: no full batch with drop_last
+    err = capsys.readouterr().err
+    assert "3 training subjects" in err and "global_batch_size=8 on 1 rank(s)" in err and "batch 3 per rank" in err
+    assert per_rank_batch(8, 2, 5, True, "m.csv") == 2  # 5 subjects over 2 ranks: 2 each
+    assert per_rank_batch(8, 1, 3, False, "m.csv") == 8  # without drop_last the short batch is kept
+    with pytest.raises(ValueError, match="m.csv: 1 training subjects for 2 ranks"):
+        per_rank_batch(8, 2, 1, True, "m.csv")
+    with pytest.raises(ValueError, match="not divisible by the world size 2"):
+        per_rank_batch(3, 2, 10, True, "m.csv")

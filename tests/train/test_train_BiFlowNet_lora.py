@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -103,8 +105,22 @@ def test_resume_on_a_changed_base_is_refused(latent_dataset: Path, base_checkpoi
 
 
 def test_bad_lora_input_is_rejected(latent_dataset: Path, base_checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="BiFlowNet checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="no such file; expected a biflownet checkpoint"):
         run(_compose(_lora_overrides(latent_dataset, tmp_path, tmp_path / "missing.ckpt", steps=1)))
     overrides = _lora_overrides(latent_dataset, tmp_path, base_checkpoint, steps=1)
     with pytest.raises(ValueError, match=r"patterns \[.unet_typo.\] match no Linear/Conv layer"):
         run(_compose([*overrides, "module.lora.target_modules=[unet_typo]"]))
+
+
+def test_lora_on_a_site_smaller_than_the_batch_trains(latent_dataset: Path, base_checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    site = tmp_path / "site"
+    shutil.copytree(latent_dataset, site)
+    frame = pd.read_csv(site / "manifest.csv", dtype=str, keep_default_na=False)
+    frame.loc[frame.index[frame["split"] == "train"][3:], "split"] = "test"  # 3 training subjects
+    frame.to_csv(site / "manifest.csv", index=False)
+    out = run(_compose([*_lora_overrides(site, tmp_path / "runs", base_checkpoint, steps=2), "global_batch_size=8"]))
+    assert out["global_step"] == 2 and Path(out["last_checkpoint"]).is_file()
+    assert read_adapter_meta(Path(out["adapter_dir"]))["step"] == 2
+    err = capsys.readouterr().err
+    assert "3 training subjects hold no full batch of global_batch_size=8 on 1 rank(s); training with batch 3" in err

@@ -51,8 +51,9 @@ def test_train_writes_checkpoint_and_resumes(tiny_prepared_dataset: Path, tmp_pa
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["dataset_info"]["window"]  # intensity window carried into the checkpoint
     assert bool(ckpt["state_dict"]["autoencoder.quantizer.initialised"])
-    model = load_autoencoder(last)
-    assert model.downsample_factor == 4 and model.dataset_info is not None
+    loaded = load_autoencoder(last)
+    assert loaded.model.downsample_factor == 4 and loaded.dataset_info is not None
+    assert (out / "config.yaml").is_file() and not (out / ".hydra").exists()  # the resolved config of the run
     assert list((out / "tensorboard").rglob("events.out.tfevents*"))
 
     second = run(_compose(_overrides(tiny_prepared_dataset, out, 6)))  # ckpt_path=last resumes
@@ -62,8 +63,8 @@ def test_train_writes_checkpoint_and_resumes(tiny_prepared_dataset: Path, tmp_pa
     # stage 2 from the stage-1 checkpoint: whole volumes, frozen encoder + codebook
     stage2 = run(_compose(_overrides(tiny_prepared_dataset, tmp_path / "s2", 2)
                           + ["stage=2", f"resume_from_checkpoint={last}", "data.patch_size=null", "data.batch_size=1"]))
-    s2 = load_autoencoder(stage2["last_checkpoint"])
-    s1 = load_autoencoder(last).state_dict()
+    s2 = load_autoencoder(stage2["last_checkpoint"]).model
+    s1 = load_autoencoder(last).model.state_dict()
     assert stage2["iteration"] >= 1
     for name, value in s2.state_dict().items():
         if name.startswith(("encoder.", "quantizer.")):
@@ -98,3 +99,21 @@ def test_torchrun_ddp_two_processes_keeps_codebooks_identical(tiny_prepared_data
     assert bool(r0["initialised"])
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
+
+
+def test_stage2_has_its_own_run_folder_and_a_stage_mismatch_is_refused(tiny_prepared_dataset: Path,
+                                                                        tmp_path: Path) -> None:
+    s1 = _compose(["experiment=ae_tiny"])
+    s2 = _compose(["experiment=ae_tiny", "stage=2", "resume_from_checkpoint=x.ckpt"])
+    assert s1.run_name == "ae_tiny_stage1" and s2.run_name == "ae_tiny_stage2"
+    assert s1.paths.output_dir != s2.paths.output_dir
+    out = tmp_path / "run"
+    first = run(_compose(_overrides(tiny_prepared_dataset, out, 1)))
+    # stage 2 pointed at the stage-1 run folder (what a shared run_name used to do) is refused in one line
+    with pytest.raises(ValueError, match=r"it was trained with stage=1, this run has stage=2; give this run its own "
+                                         r"run_name=\.\.\. .*ckpt_path=null") as e:
+        run(_compose(_overrides(tiny_prepared_dataset, out, 2) + ["stage=2", f"resume_from_checkpoint={first['last_checkpoint']}",
+                                                                   "data.patch_size=null", "data.batch_size=1"]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="stage 1 would ignore it"):
+        run(_compose(_overrides(tiny_prepared_dataset, out, 2) + [f"resume_from_checkpoint={first['last_checkpoint']}"]))

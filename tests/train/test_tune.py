@@ -59,7 +59,8 @@ def _study(tmp: Path) -> optuna.Study:
     return optuna.load_study(study_name="s", storage=f"sqlite:///{tmp}/study.db")
 
 
-def test_interrupted_study_resumes_without_losing_trials(latents: Path, tmp_path: Path) -> None:
+def test_interrupted_study_resumes_without_losing_trials(latents: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
     interrupt = ["+callbacks.interrupt._target_=tests.train.test_tune.InterruptInTrial",
                  "+callbacks.interrupt.run_dir=trial_1"]
     sigint = signal.getsignal(signal.SIGINT)
@@ -67,6 +68,8 @@ def test_interrupted_study_resumes_without_losing_trials(latents: Path, tmp_path
         assert main(_args(latents, tmp_path, 3, *interrupt)) == 130
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after a Ctrl-C
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "python -m train.tune: interrupted; rerun the same command to resume" in err
     trials = _study(tmp_path).get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     first, interrupted = trials[0], trials[1]
@@ -175,7 +178,7 @@ def test_reporter_reports_prunes_on_median_and_on_non_finite_values() -> None:
 def test_bad_input_exits_2_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], match: str) -> None:
     assert main(_args(tmp_path / "no-data", tmp_path, 3, *extra)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tune: error:") and len(err.splitlines()) == 1
+    assert err.startswith("python -m train.tune: error:") and len(err.splitlines()) == 1
     assert __import__("re").search(match, err), err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "study.db").exists()  # checked before the study exists
 
@@ -208,4 +211,5 @@ def test_default_search_spaces_fit_the_training_configs(target: str, experiment:
         # multi-GPU presets must be narrowed to one device per trial
         job = prepare([f"target={target}", "study_name=s", f"experiment={experiment}", "trainer.devices=1"])
     assert job.params and job.metric == {"biflownet": "val/loss", "patchvolume": "val/psnr"}[target]
-    assert job.best_config == CONFIG_DIR / "experiment" / "tuned_s.yaml" and job.base_experiment == experiment
+    # never into the source tree: under the study's own folder
+    assert job.best_config == Path("outputs/tune/s/experiment/tuned_s.yaml") and job.base_experiment == experiment
