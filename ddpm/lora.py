@@ -9,7 +9,7 @@ it does not fit. The adapter also carries the projection grids of the site it wa
 (``projection_grids.safetensors``, X-ray-conditioned models only).
 
 Target modules are regular expressions matched (``re.fullmatch``) against module names of the plain
-BiFlowNet, e.g. ``dit_in.0.attn.qkv`` or ``xray_encoder.blocks.0.mlp.fc1``; they are resolved to the
+BiFlowNet, e.g. ``dit.in_blocks.0.attn.qkv`` or ``xray.encoder.blocks.0.mlp.fc1``; they are resolved to the
 exact list of layer names before peft sees them.
 """
 
@@ -41,8 +41,8 @@ RUNTIME_KEYS = ("grad_checkpointing",)
 
 # attention and MLP linears of every DiT block (self-attention, cross-attention) and X-ray encoder block
 DEFAULT_TARGETS = (
-    r"dit_(in|mid|out)\.\d+\.(attn\.(qkv|proj)|cross\.(q|kv|proj)|mlp\.fc[12])",
-    r"xray_encoder\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
+    r"dit\.(in|mid|out)_blocks\.\d+\.(attn\.(qkv|proj)|cross\.(q|kv|proj)|mlp\.fc[12])",
+    r"xray\.encoder\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
 )
 
 
@@ -259,8 +259,8 @@ def save_adapter(
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
         net = model.get_base_model()
         if getattr(net, "xray_encoder", None) is not None:
-            save_file({"grid_ap": net.grid_ap.detach().cpu().contiguous(),
-                       "grid_lat": net.grid_lat.detach().cpu().contiguous()}, str(tmp / ADAPTER_GRIDS))
+            save_file({"grid_ap": net.xray.grid_ap.detach().cpu().contiguous(),
+                       "grid_lat": net.xray.grid_lat.detach().cpu().contiguous()}, str(tmp / ADAPTER_GRIDS))
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,7 +37,7 @@ def test_output_starts_at_zero_and_dit_block_is_identity(inputs: dict) -> None:
     torch.testing.assert_close(out, x, rtol=0, atol=0)
     # and the blocks inside a freshly built BiFlowNet are zero-initialised the same way
     tok = torch.randn(2, 8, 8)
-    torch.testing.assert_close(net.dit_in[0](tok, torch.randn(2, 32), torch.randn(1, 32, 16)), tok, rtol=0, atol=0)
+    torch.testing.assert_close(net.dit.in_blocks[0](tok, torch.randn(2, 32), torch.randn(1, 32, 16)), tok, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", MODES[1:], ids=lambda m: f"{m['cross_attention']}-bp{m.get('back_projection', False)}")

@@ -88,8 +88,8 @@ def test_run_trains_writes_checkpoint_and_resumes(latent_dataset: Path, tmp_path
     assert first.conditioning["step"] == 2 and first.conditioning["xray_size"] == [32, 32]
     # the real cone-beam grids from dataset.json replaced the parallel-beam default
     parallel_ap, parallel_lat = parallel_projection_grids((8, 8, 8))
-    assert not torch.allclose(first.model.grid_ap, parallel_ap, atol=1e-3)
-    assert not torch.allclose(first.model.grid_lat, parallel_lat, atol=1e-3)
+    assert not torch.allclose(first.model.xray.grid_ap, parallel_ap, atol=1e-3)
+    assert not torch.allclose(first.model.xray.grid_lat, parallel_lat, atol=1e-3)
     out2 = run(_compose(_overrides(latent_dataset, tmp_path, steps=4)))  # ckpt_path=last -> resume
     assert out2["global_step"] == 4
     second = torch.load(out2["last_checkpoint"], weights_only=True)
