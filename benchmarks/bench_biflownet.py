@@ -3,11 +3,17 @@
     python -m benchmarks.bench_biflownet                         # tiny preset, CPU or GPU, prints JSON
     python -m benchmarks.bench_biflownet --preset base --latent-size 32 --batch 2
     python -m benchmarks.bench_biflownet --study conditioning --data outputs/demo/data --steps 300
+    python -m benchmarks.bench_biflownet --study geometry --preset base --latent-size 16 --batch 2 --steps 5
 
 ``--study conditioning`` trains the tiny preset with each X-ray conditioning mode (plain cross-attention,
 footprint-restricted cross-attention, back-projection, footprint + back-projection) for the same number
 of steps on a prepared dataset with latents, and reports the validation denoising loss (fixed timesteps,
 fixed noise) of each.
+
+``--study geometry`` times training steps of one preset side by side in one process (interleaved, median of
+``--steps`` repetitions each): the default geometry (fixed grid buffers), a distinct per-sample geometry for
+every sample of the batch (projection cached after its first use), and new distinct geometries every step
+(grids and footprints computed each step); ratios are against the fixed path.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -105,6 +112,78 @@ def step_benchmark(name: str, latent_size: int | None, batch: int, steps: int, d
     return out
 
 
+def _step_inputs(cfg: dict, batch: int, dev: torch.device, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, cfg["in_channels"], *cfg["latent_shape"], generator=g).to(dev)
+    cond = {"y": torch.zeros(batch, dtype=torch.long, device=dev)} if cfg.get("num_classes") else {}
+    xr = cfg.get("xray")
+    if xr:
+        cond["ap"] = torch.rand(batch, 1, *xr["image_size"], generator=g).to(dev)
+        cond["lat"] = torch.rand(batch, 1, *xr["image_size"], generator=g).to(dev)
+    return z, cond
+
+
+def geometry_study(name: str, latent_size: int | None, batch: int, steps: int, device: str) -> dict:
+    """Training-step time with the fixed geometry buffers vs per-sample geometries (cached and fresh)."""
+    from dataset.drr import DRRGeometry
+
+    cfg = preset(name, latent_size)
+    if not cfg.get("xray"):
+        raise ValueError(f"preset {name} has no X-ray conditioning; --study geometry needs one")
+    dev = torch.device(device)
+    net = BiFlowNet(**cfg).to(dev)
+    shape = tuple(cfg["latent_shape"])
+    factor = 8  # the 8x autoencoder: a 16^3 latent is a 128^3 CT
+    ct_spacing = 2.0
+    default = DRRGeometry.fit(tuple(s * factor for s in shape), (ct_spacing,) * 3, tuple(cfg["xray"]["image_size"]))
+    net.set_geometry(default, (ct_spacing * factor,) * 3)
+    diff = Diffusion("ddpm", "v")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    z, cond = _step_inputs(cfg, batch, dev)
+    draw = iter(range(10**9))
+
+    def distinct(k: int) -> torch.Tensor:  # k geometries that differ in every view parameter that may vary
+        out = []
+        for _ in range(k):
+            i = next(draw)
+            g = default.replace_view("AP", sdd=default.ap.sdd + 1 + i % 300, offset=(0.01 * i, -0.02 * i))
+            out.append(g.replace_view("LAT", angle=((i * 0.37) % 6) - 3, sid=default.lat.sid - 1 - i % 50).to_tensor())
+        return torch.stack(out).float().to(dev)
+
+    cached = distinct(batch)
+    use_bf16 = dev.type == "cuda"
+    modes = {"fixed": lambda: None, "per_sample_cached": lambda: cached, "per_sample_fresh": lambda: distinct(batch)}
+
+    def step(geometry: torch.Tensor | None) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = diff.training_loss(lambda x, t: net(x, t, geometry=geometry, **cond), z)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for make in modes.values():  # warm-up (and the first projection of the cached geometries)
+        step(make())
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(steps):
+        for mode, make in modes.items():
+            times[mode].append(step(make()))
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {
+        "study": "geometry", "preset": name, "latent_shape": list(shape), "batch": batch, "repetitions": steps,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "precision": "bf16-mixed" if use_bf16 else "fp32", "threads": torch.get_num_threads(),
+        "step_time_s": {m: round(v, 4) for m, v in med.items()},
+        "ratio_to_fixed": {m: round(v / med["fixed"], 4) for m, v in med.items() if m != "fixed"},
+        "cache_entries": len(net.xray._cache),
+    }
+
+
 MODES = {
     "cross_attention": {"cross_attention": "full", "back_projection": False},
     "footprint": {"cross_attention": "footprint", "back_projection": False},
@@ -183,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--study", choices=["conditioning"], default=None)
+    p.add_argument("--study", choices=["conditioning", "geometry"], default=None)
     p.add_argument("--data", type=Path, default=None, help="prepared dataset folder with latents (--study)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -194,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.data is None:
                 raise ValueError("--study conditioning needs --data (a prepared dataset folder with latents)")
             out = conditioning_study(a.data, a.steps, a.batch, a.seed)
+        elif a.study == "geometry":
+            out = geometry_study(a.preset, a.latent_size, a.batch, a.steps, a.device)
         else:
             out = {"benchmark": "biflownet_train_step", **step_benchmark(a.preset, a.latent_size, a.batch, a.steps, a.device),
                    "parameter_counts": parameter_counts()}

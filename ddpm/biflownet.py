@@ -28,6 +28,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dataset.drr import DRRGeometry
 from ddpm.dit_block import DiTBlock, FinalLayer
 from ddpm.embeddings import LabelEmbedder, ResolutionEmbedder, TimestepEmbedder, sincos_pos_embed_3d
 from ddpm.xray_conditioner import CROSS_ATTENTION_MODES, XrayConditioner
@@ -430,11 +431,23 @@ class BiFlowNet(nn.Module):
         nn.init.zeros_(self.unet.out_conv.bias)
 
     # ------------------------------------------------------------- geometry
-    def set_projection_grids(self, grid_ap: torch.Tensor, grid_lat: torch.Tensor) -> None:
-        """Replace the (D, H, W, 2) projection grids, e.g. with the dataset's cone-beam geometry."""
+    def _conditioner(self) -> XrayConditioner:
         if self.xray is None:
-            raise ValueError("this BiFlowNet has no X-ray conditioning; projection grids are not used")
-        self.xray.set_projection_grids(grid_ap, grid_lat)
+            raise ValueError("this BiFlowNet has no X-ray conditioning; projection geometry is not used")
+        return self.xray
+
+    @property
+    def geometry(self) -> DRRGeometry | None:
+        """The default (training) ``dataset.drr.DRRGeometry``, or None (no X-rays, or parallel-beam grids)."""
+        return self.xray.geometry if self.xray is not None else None
+
+    def set_geometry(self, geometry: DRRGeometry | None, latent_spacing: Sequence[float] | None) -> None:
+        """Make a ``DRRGeometry`` (or None: parallel beam) the default, with the latent voxel spacing in mm."""
+        self._conditioner().set_geometry(geometry, latent_spacing)
+
+    def set_projection_grids(self, grid_ap: torch.Tensor, grid_lat: torch.Tensor) -> None:
+        """Replace the (D, H, W, 2) projection grids by hand (then no default geometry is known)."""
+        self._conditioner().set_projection_grids(grid_ap, grid_lat)
 
     # --------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -471,6 +484,7 @@ class BiFlowNet(nn.Module):
         ap: torch.Tensor | None = None,
         lat: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
+        geometry: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the diffusion target for a noisy latent.
 
@@ -480,6 +494,9 @@ class BiFlowNet(nn.Module):
             y: (B,) long class labels (required iff ``num_classes > 0``).
             ap, lat: (B, 1, H, W) X-rays in [0, 1] (required iff X-ray conditioned).
             drop: (B,) bool, True drops every condition of that sample (null class, null X-ray tokens).
+            geometry: (B, 2, 10) packed geometry of each X-ray pair (``DRRGeometry.to_tensor()``; its
+                detector size is the X-ray size), or None for the stored default geometry (ignored
+                without X-ray conditioning).
 
         Returns:
             (B, out_channels, D, H, W).
@@ -488,7 +505,7 @@ class BiFlowNet(nn.Module):
         c = self._embed(x, t, y, drop)  # (B, cond_dim)
         context = mask = None
         if self.xray is not None:
-            cond = self.xray(ap, lat, drop)
+            cond = self.xray(ap, lat, drop, geometry)
             c, context, mask = c + cond.pooled, cond.tokens, cond.mask
             if cond.features is not None:
                 x = torch.cat([x, cond.features], dim=1)  # (B, C + backproj_channels, D, H, W)
