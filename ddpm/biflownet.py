@@ -17,8 +17,9 @@ back-projected along the rays into the latent grid and concatenated with the noi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Sequence
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,25 @@ from torch.utils.checkpoint import checkpoint
 from dataset.drr import DRRGeometry
 from ddpm.dit_block import DiTBlock, FinalLayer
 from ddpm.embeddings import LabelEmbedder, ResolutionEmbedder, TimestepEmbedder, sincos_pos_embed_3d
+from ddpm.fast_conv import use_fast_conv3d
 from ddpm.xray_conditioner import CROSS_ATTENTION_MODES, XrayConditioner
+
+
+@functools.cache
+def _native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); elsewhere oneDNN emulates it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: keep what the caller asked for
+        return True
+
+
+def _compute_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """fp32 instead of CPU bf16 autocast on CPUs that only emulate bf16 (several times slower there), else as is."""
+    if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _native_cpu_bf16()):
+        return torch.autocast("cpu", enabled=False)
+    return contextlib.nullcontext()
 
 
 def _run(module: nn.Module, checkpointed: bool, *args) -> torch.Tensor:
@@ -401,6 +420,7 @@ class BiFlowNet(nn.Module):
         for p in self.parameters():
             if p.dim() == 5:
                 p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        use_fast_conv3d(self)  # small CPU convolutions on oneDNN too (see ddpm.fast_conv)
 
     @property
     def xray_encoder(self):
@@ -502,15 +522,16 @@ class BiFlowNet(nn.Module):
             (B, out_channels, D, H, W).
         """
         self._check_input(x)
-        c = self._embed(x, t, y, drop)  # (B, cond_dim)
-        context = mask = None
-        if self.xray is not None:
-            cond = self.xray(ap, lat, drop, geometry)
-            c, context, mask = c + cond.pooled, cond.tokens, cond.mask
-            if cond.features is not None:
-                x = torch.cat([x, cond.features], dim=1)  # (B, C + backproj_channels, D, H, W)
-        feat_in, feat_out = self.dit(x, c, context, mask)
-        return self.unet(x, c, feat_in, feat_out)
+        with _compute_precision(x):
+            c = self._embed(x, t, y, drop)  # (B, cond_dim)
+            context = mask = None
+            if self.xray is not None:
+                cond = self.xray(ap, lat, drop, geometry)
+                c, context, mask = c + cond.pooled, cond.tokens, cond.mask
+                if cond.features is not None:
+                    x = torch.cat([x, cond.features], dim=1)  # (B, C + backproj_channels, D, H, W)
+            feat_in, feat_out = self.dit(x, c, context, mask)
+            return self.unet(x, c, feat_in, feat_out)
 
 
 __all__ = ["BiFlowNet", "CROSS_ATTENTION_MODES", "DownStage", "InterPatchUNet", "IntraPatchDiT", "MidStage", "UpStage"]
