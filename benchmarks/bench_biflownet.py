@@ -3,11 +3,25 @@
     python -m benchmarks.bench_biflownet                         # tiny preset, CPU or GPU, prints JSON
     python -m benchmarks.bench_biflownet --preset base --latent-size 32 --batch 2
     python -m benchmarks.bench_biflownet --study conditioning --data outputs/demo/data --steps 300
+    python -m benchmarks.bench_biflownet --study geometry --preset base --latent-size 16 --batch 2 --steps 5
+    python -m benchmarks.bench_biflownet --compare-official /work/official --latent-size 16 --steps 3 --threads 2
 
 ``--study conditioning`` trains the tiny preset with each X-ray conditioning mode (plain cross-attention,
 footprint-restricted cross-attention, back-projection, footprint + back-projection) for the same number
 of steps on a prepared dataset with latents, and reports the validation denoising loss (fixed timesteps,
 fixed noise) of each.
+
+``--study geometry`` times training steps of one preset side by side in one process (interleaved, median of
+``--steps`` repetitions each): the default geometry (fixed grid buffers), a distinct per-sample geometry for
+every sample of the batch (projection cached after its first use), and new distinct geometries every step
+(grids and footprints computed each step); ratios are against the fixed path.
+
+``--compare-official DIR`` times training steps (forward, loss, backward, optimiser step; batch 1) of the
+X-ray-conditioned ``base`` preset against the official 3D MedDiffusion BiFlowNet at the same width and
+depth, imported from a checkout of that project in ``DIR`` (read-only, never copied here), interleaved in
+one process with the same thread count, in fp32 and under bf16 autocast; each network with its own
+training optimiser (ours: ``config/optimizer/adamw.yaml``; official: ``torch.optim.AdamW``, or the same
+fused AdamW as ours with ``--official-optimizer fused``). Medians and ratios (ours / official).
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,13 +61,20 @@ def parameter_counts() -> dict:
     return out
 
 
+def training_optimizer(params) -> torch.optim.Optimizer:
+    """The BiFlowNet training optimiser of ``config/optimizer/adamw.yaml``."""
+    import hydra.utils
+
+    return hydra.utils.instantiate(OmegaConf.load(CONFIG.parent / "optimizer" / "adamw.yaml"))(params)
+
+
 def step_benchmark(name: str, latent_size: int | None, batch: int, steps: int, device: str) -> dict:
-    """Time full training steps (forward, loss, backward, AdamW step) of one preset."""
+    """Time full training steps (forward, loss, backward, optimiser step) of one preset."""
     cfg = preset(name, latent_size)
     dev = torch.device(device)
     net = BiFlowNet(**cfg).to(dev)
     diff = Diffusion("ddpm", "v")
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = training_optimizer(net.parameters())
     c, shape = cfg["in_channels"], cfg["latent_shape"]
     z = torch.randn(batch, c, *shape, device=dev)
     xr = cfg.get("xray")
@@ -104,6 +126,171 @@ def step_benchmark(name: str, latent_size: int | None, batch: int, steps: int, d
         out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
         out["threads"] = torch.get_num_threads()
     return out
+
+
+def _step_inputs(cfg: dict, batch: int, dev: torch.device, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, cfg["in_channels"], *cfg["latent_shape"], generator=g).to(dev)
+    cond = {"y": torch.zeros(batch, dtype=torch.long, device=dev)} if cfg.get("num_classes") else {}
+    xr = cfg.get("xray")
+    if xr:
+        cond["ap"] = torch.rand(batch, 1, *xr["image_size"], generator=g).to(dev)
+        cond["lat"] = torch.rand(batch, 1, *xr["image_size"], generator=g).to(dev)
+    return z, cond
+
+
+def geometry_study(name: str, latent_size: int | None, batch: int, steps: int, device: str) -> dict:
+    """Training-step time with the fixed geometry buffers vs per-sample geometries (cached and fresh)."""
+    from dataset.drr import DRRGeometry
+
+    cfg = preset(name, latent_size)
+    if not cfg.get("xray"):
+        raise ValueError(f"preset {name} has no X-ray conditioning; --study geometry needs one")
+    dev = torch.device(device)
+    net = BiFlowNet(**cfg).to(dev)
+    shape = tuple(cfg["latent_shape"])
+    factor = 8  # the 8x autoencoder: a 16^3 latent is a 128^3 CT
+    ct_spacing = 2.0
+    default = DRRGeometry.fit(tuple(s * factor for s in shape), (ct_spacing,) * 3, tuple(cfg["xray"]["image_size"]))
+    net.set_geometry(default, (ct_spacing * factor,) * 3)
+    diff = Diffusion("ddpm", "v")
+    opt = training_optimizer(net.parameters())
+    z, cond = _step_inputs(cfg, batch, dev)
+    draw = iter(range(10**9))
+
+    def distinct(k: int) -> torch.Tensor:  # k geometries that differ in every view parameter that may vary
+        out = []
+        for _ in range(k):
+            i = next(draw)
+            g = default.replace_view("AP", sdd=default.ap.sdd + 1 + i % 300, offset=(0.01 * i, -0.02 * i))
+            out.append(g.replace_view("LAT", angle=((i * 0.37) % 6) - 3, sid=default.lat.sid - 1 - i % 50).to_tensor())
+        return torch.stack(out).float().to(dev)
+
+    cached = distinct(batch)
+    use_bf16 = dev.type == "cuda"
+    modes = {"fixed": lambda: None, "per_sample_cached": lambda: cached, "per_sample_fresh": lambda: distinct(batch)}
+
+    def step(geometry: torch.Tensor | None) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = diff.training_loss(lambda x, t: net(x, t, geometry=geometry, **cond), z)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for make in modes.values():  # warm-up (and the first projection of the cached geometries)
+        step(make())
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(steps):
+        for mode, make in modes.items():
+            times[mode].append(step(make()))
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {
+        "study": "geometry", "preset": name, "latent_shape": list(shape), "batch": batch, "repetitions": steps,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "precision": "bf16-mixed" if use_bf16 else "fp32", "threads": torch.get_num_threads(),
+        "step_time_s": {m: round(v, 4) for m, v in med.items()},
+        "ratio_to_fixed": {m: round(v / med["fixed"], 4) for m, v in med.items() if m != "fixed"},
+        "cache_entries": len(net.xray._cache),
+    }
+
+
+def _load_official(root: Path):
+    """The official BiFlowNet class from ``root/ddpm/BiFlowNet.py`` (imported by path, never copied)."""
+    import importlib.util
+    import types
+
+    path = Path(root) / "ddpm" / "BiFlowNet.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; expected a checkout of the official 3D MedDiffusion")
+    try:
+        import einops_exts  # noqa: F401
+    except ImportError:  # an import-only dependency of that file; its one helper used here is a named rearrange
+        from einops import rearrange
+
+        stub = types.ModuleType("einops_exts")
+        stub.rearrange_many = lambda tensors, pattern, **kw: [rearrange(t, pattern, **kw) for t in tensors]
+        stub.check_shape = lambda *args, **kw: None
+        sys.modules["einops_exts"] = stub
+    spec = importlib.util.spec_from_file_location("official_biflownet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BiFlowNet
+
+
+def official_comparison(root: Path, latent_sizes: list[int], precisions: list[str], steps: int,
+                        official_optimizer: str = "default") -> dict:
+    """Training-step time of the base preset vs the official BiFlowNet (same width/depth), interleaved."""
+    import torch.nn.functional as F
+
+    official_cls = _load_official(root)
+    rows = []
+    for size in latent_sizes:
+        cfg = preset("base", size)
+        ours = BiFlowNet(**cfg)
+        official = official_cls(dim=cfg["model_channels"], dim_mults=tuple(cfg["channel_mults"]), channels=cfg["in_channels"],
+                                cond_classes=cfg["num_classes"], use_sparse_linear_attn=[int(i in cfg["attn_levels"])
+                                                                                        for i in range(len(cfg["channel_mults"]))],
+                                sub_volume_size=(cfg["sub_volume"],) * 3, patch_size=cfg["token_patch"],
+                                DiT_num_heads=cfg["dit_heads"], resnet_groups=cfg["norm_groups"], vq_size=64,
+                                num_mid_DiT=cfg["num_mid_dit"])
+        opt_ours = training_optimizer(ours.parameters())
+        opt_official = (torch.optim.AdamW(official.parameters(), lr=1e-4) if official_optimizer == "default"
+                        else training_optimizer(official.parameters()))
+        diff = Diffusion("ddpm", "v")
+        z, cond = _step_inputs(cfg, 1, torch.device("cpu"))
+        res = torch.tensor([size * 8 / 64.0] * 3)  # the official resolution condition (CT edge / 64)
+
+        def step_official(bf16: bool) -> None:
+            noise, t = torch.randn_like(z), torch.randint(0, 1000, (1,))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.mse_loss(official(z + noise, t, y=cond["y"], res=res).float(), noise)
+            loss.backward()
+            opt_official.step()
+            opt_official.zero_grad(set_to_none=True)
+
+        def step_ours(bf16: bool) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = diff.training_loss(lambda x, t: ours(x, t, **cond), z)
+            loss.backward()
+            opt_ours.step()
+            opt_ours.zero_grad(set_to_none=True)
+
+        for precision in precisions:
+            bf16 = precision == "bf16"
+            times: dict[str, list[float]] = {"official": [], "ours": []}
+            for name, fn in (("official", step_official), ("ours", step_ours)):
+                fn(bf16)  # warm-up
+            for _ in range(steps):
+                for name, fn in (("official", step_official), ("ours", step_ours)):
+                    t0 = time.perf_counter()
+                    fn(bf16)
+                    times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append({"latent_size": size, "precision": precision, "official_s": round(med["official"], 3),
+                         "ours_s": round(med["ours"], 3), "ratio": round(med["ours"] / med["official"], 3),
+                         "official_all_s": [round(v, 3) for v in times["official"]],
+                         "ours_all_s": [round(v, 3) for v in times["ours"]]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress: these runs take minutes
+        params = {"official": sum(p.numel() for p in official.parameters()), "ours": count_parameters(ours)}
+        del ours, official, opt_ours, opt_official
+    return {"benchmark": "biflownet_vs_official", "official": str(root), "preset": "base", "batch": 1,
+            "threads": torch.get_num_threads(), "repetitions": steps, "cpu_native_bf16": _native_bf16(),
+            "optimizers": {"ours": "config/optimizer/adamw.yaml",
+                           "official": "torch.optim.AdamW" + (" as ours" if official_optimizer == "fused" else "")},
+            "params": params, "results": rows}
+
+
+def _native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 MODES = {
@@ -185,9 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=number(int, min=1), default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=number(int, min=0), default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--study", choices=["conditioning"], default=None)
+    p.add_argument("--study", choices=["conditioning", "geometry"], default=None)
     p.add_argument("--data", type=Path, default=None, help="prepared dataset folder with latents (--study)")
     p.add_argument("--seed", type=number(int, min=0), default=0)
+    p.add_argument("--compare-official", type=Path, default=None, metavar="DIR",
+                   help="checkout of the official 3D MedDiffusion: time its BiFlowNet against the base preset")
+    p.add_argument("--official-optimizer", choices=["default", "fused"], default="default",
+                   help="official network's AdamW: torch's default implementation, or the same fused one as ours")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (--compare-official)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -197,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             if a.data is None:
                 raise ValueError("--study conditioning needs --data (a prepared dataset folder with latents)")
             out = conditioning_study(a.data, a.steps, a.batch, a.seed)
+        elif a.compare_official is not None:
+            sizes = [a.latent_size] if a.latent_size else [16, 32]
+            precisions = [x for x in a.precisions.split(",") if x]
+            if not precisions or set(precisions) - {"fp32", "bf16"}:
+                raise ValueError(f"--precisions {a.precisions!r}; expected a comma-separated subset of fp32,bf16")
+            out = official_comparison(a.compare_official, sizes, precisions, a.steps, a.official_optimizer)
+        elif a.study == "geometry":
+            out = geometry_study(a.preset, a.latent_size, a.batch, a.steps, a.device)
         else:
             out = {"benchmark": "biflownet_train_step", **step_benchmark(a.preset, a.latent_size, a.batch, a.steps, a.device),
                    "parameter_counts": parameter_counts()}

@@ -12,7 +12,8 @@ from monai.data import CacheDataset
 from monai.transforms import Compose, Lambda
 from torch.utils.data import DataLoader, Dataset
 
-from dataset.dataset_info import window_for
+from dataset.dataset_info import FILE_NAME, DatasetInfo, window_for
+from dataset.drr import DRRGeometry
 from dataset.manifest import Manifest
 from dataset.paired_dataset import PairedDataset
 from dataset.samplers import EpochRandomSampler
@@ -23,7 +24,9 @@ class PairedDataModule(L.LightningDataModule):
 
     Batches are dicts: ``"ap"``, ``"lat"`` ``(B, 1, h, w)`` in [0, 1]; ``"ct"`` ``(B, 1, D, H, W)`` in
     [-1, 1] and ``"latent"`` ``(B, ...)`` when asked for in ``load``; ``"label"`` long ``(B,)``;
-    ``"subject_id"`` ``list[str]``. Under DDP Lightning adds the DistributedSampler.
+    ``"subject_id"`` ``list[str]``; ``"geometry"`` float32 ``(B, 2, 10)``, each pair's DRR geometry, when
+    ``dataset.json`` records one (per-subject manifest columns over it). Under DDP Lightning adds the
+    DistributedSampler.
 
     Args:
         manifest: path of ``manifest.csv``.
@@ -60,8 +63,10 @@ class PairedDataModule(L.LightningDataModule):
         if self.datasets and self.cache_rate > 0:
             return  # keep the cache: a second fit / validate must not read the files again
         manifest = Manifest.load(self.manifest_path)
+        geometry = self._geometry(manifest)
         try:
-            datasets = {s: PairedDataset(manifest.split(s), self.load, self.window) for s in ("train", "val", "test")}
+            datasets = {s: PairedDataset(manifest.split(s), self.load, self.window, geometry)
+                        for s in ("train", "val", "test")}
         except ValueError as e:
             raise ValueError(f"{self.manifest_path}: {e}") from e
         if self.cache_rate > 0:
@@ -70,6 +75,16 @@ class PairedDataModule(L.LightningDataModule):
                                         num_workers=max(1, self.num_workers), progress=False)
                         for s, d in datasets.items()}
         self.datasets = datasets
+
+    def _geometry(self, manifest: Manifest) -> DRRGeometry | None:
+        """The default DRR geometry from ``dataset.json`` (None without one, then no geometry columns allowed)."""
+        info_path = self.manifest_path.parent / FILE_NAME
+        geometry = DatasetInfo.load(info_path).geometry if info_path.is_file() else None
+        columns = sorted(set(DRRGeometry().to_columns()) & set(manifest.frame.columns))
+        if geometry is None and columns:
+            raise ValueError(f"{self.manifest_path}: has geometry columns {columns[:3]}... but {info_path} records no "
+                             "default DRR geometry; expected the dataset's geometry in dataset.json")
+        return geometry
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.datasets:

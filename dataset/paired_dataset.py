@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from dataset.drr import DRRGeometry
 from dataset.intensity import HUWindow
 from dataset.io import load_xray, read_ct
 from dataset.volume import image_to_volume
@@ -22,13 +23,17 @@ class PairedDataset(Dataset):
         frame: manifest rows with absolute paths (``Manifest.split(...)``).
         load: which of ``"ap"``, ``"lat"``, ``"ct"``, ``"latent"`` to read.
         window: HU window for the CT's [-1, 1] mapping.
+        geometry: the dataset's DRR geometry (``dataset.json``); when given, every item carries its own
+            geometry: the row's geometry columns (``DRRGeometry.to_columns``) over this default.
 
     Items are dicts: ``"ap"`` / ``"lat"`` float32 ``(1, h, w)`` in [0, 1], ``"ct"`` float32
     ``(1, D, H, W)`` in [-1, 1], ``"latent"`` the tensor stored in the row's ``latent`` file,
-    ``"label"`` a long scalar, ``"subject_id"`` a str. Default collation stacks them into batches.
+    ``"label"`` a long scalar, ``"subject_id"`` a str, and with ``geometry`` ``"geometry"`` float32
+    ``(2, 10)`` (``DRRGeometry.to_tensor``, AP row first). Default collation stacks them into batches.
     """
 
-    def __init__(self, frame: pd.DataFrame, load: Sequence[str] = ("ap", "lat"), window: HUWindow = HUWindow()) -> None:
+    def __init__(self, frame: pd.DataFrame, load: Sequence[str] = ("ap", "lat"), window: HUWindow = HUWindow(),
+                 geometry: DRRGeometry | None = None) -> None:
         bad = [k for k in load if k not in LOADABLE]
         if bad or not load:
             raise ValueError(f"load={tuple(load)!r} is invalid; expected a non-empty subset of {LOADABLE}")
@@ -38,6 +43,14 @@ class PairedDataset(Dataset):
         self.frame = frame.reset_index(drop=True)
         self.load = tuple(load)
         self.window = window
+        self.geometries = None
+        if geometry is not None:  # read and checked once, here, so a bad column names its subject up front
+            self.geometries = []
+            for _, row in self.frame.iterrows():
+                try:
+                    self.geometries.append(DRRGeometry.from_columns(row, geometry).to_tensor(torch.float32))
+                except ValueError as e:
+                    raise ValueError(f"subject {row['subject_id']}: geometry columns: {e}") from None
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -59,6 +72,8 @@ class PairedDataset(Dataset):
                              f"differ in size ({row['ap']}, {row['lat']}); expected one detector size")
         item["label"] = torch.tensor(int(row["label"]), dtype=torch.long)
         item["subject_id"] = sid
+        if self.geometries is not None:
+            item["geometry"] = self.geometries[index].clone()
         return item
 
 

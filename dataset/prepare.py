@@ -15,14 +15,22 @@ Every file is written atomically. Subjects whose three outputs exist are skipped
 subject that fails is recorded with its reason and the rest go on. A CT wider than ``--size`` x
 ``--spacing`` is cropped; the summary says how many were and by how much, and suggests a spacing. Exit code 0 when at least one
 subject is ready, 2 for bad arguments or when every subject fails.
+
+Geometry: ``--sdd``, ``--sid``, ``--drr-size``, ``--pixel-spacing`` set the DRR geometry recorded in
+``dataset.json``. The ``--jitter-*`` options give each subject its own seeded variation of it (source
+distances, detector offset, view angle; the detector pixel count stays, so one model trains on all
+subjects); the manifest then carries every subject's geometry in ``ap_sdd ... lat_reversed`` columns
+(:meth:`dataset.drr.DRRGeometry.to_columns`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import hashlib
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +40,7 @@ from tqdm import tqdm
 
 from dataset.cli import OneLineParser, number, run_cli
 from dataset.dataset_info import FILE_NAME, DatasetInfo
-from dataset.drr import DRRGeometry, render_drr_pair
+from dataset.drr import MAX_ANGLE, VIEWS, DRRGeometry, render_drr_pair
 from dataset.intensity import HUWindow
 from dataset.io import atomic_save_torch, ct_subject_id, is_ct_source, read_ct, write_nifti
 from dataset.manifest import Manifest, assign_splits
@@ -77,6 +85,90 @@ class PrepareSummary:
         if self.manifest is not None:
             lines.append(f"manifest: {self.manifest}")
         return "\n".join(lines)
+
+
+def _span(value, name: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    lo, hi = (float(v) for v in value)
+    if not (0 < lo <= hi < float("inf")):
+        raise ValueError(f"{name} {lo:g} {hi:g} is invalid; expected 0 < MIN <= MAX (mm)")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class GeometryJitter:
+    """Seeded per-subject variation of a DRR geometry; each view is drawn on its own, uniformly.
+
+    A subject's geometry depends only on ``seed`` and its id (resuming or adding subjects never changes
+    it). Five numbers are drawn per view in a fixed order (SDD, SID, offset row, offset col, angle),
+    whichever are enabled, so enabling one does not change the others.
+
+    Args:
+        sdd: (min, max) source-to-detector distance, mm; None keeps the base geometry's.
+        sid: (min, max) source-to-isocentre distance, mm; None keeps the base geometry's.
+        offset: largest detector offset along each detector axis, mm (0: none).
+        angle: largest view-angle deviation about the superior-inferior axis, degrees (0: none).
+        seed: jitter seed.
+    """
+
+    sdd: tuple[float, float] | None = None
+    sid: tuple[float, float] | None = None
+    offset: float = 0.0
+    angle: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sdd", _span(self.sdd, "--jitter-sdd"))
+        object.__setattr__(self, "sid", _span(self.sid, "--jitter-sid"))
+        if not 0.0 <= float(self.offset) < float("inf"):
+            raise ValueError(f"--jitter-offset {self.offset} is invalid; expected a non-negative number of mm")
+        if not 0.0 <= float(self.angle) <= MAX_ANGLE:
+            raise ValueError(f"--jitter-angle {self.angle} is invalid; expected degrees in [0, {MAX_ANGLE:g}]")
+
+    @property
+    def active(self) -> bool:
+        """Whether any part of the geometry varies."""
+        return self.sdd is not None or self.sid is not None or self.offset > 0 or self.angle > 0
+
+    def distance_ranges(self, base: DRRGeometry) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((min, max) SDD, (min, max) SID) over every subject, in mm."""
+        views = [base.view(v) for v in VIEWS]
+        sdd = self.sdd or (min(v.sdd for v in views), max(v.sdd for v in views))
+        sid = self.sid or (min(v.sid for v in views), max(v.sid for v in views))
+        return sdd, sid
+
+    def check(self, base: DRRGeometry) -> None:
+        """Every draw must give a valid geometry: the largest SID stays below the smallest SDD."""
+        (sdd_lo, _), (_, sid_hi) = self.distance_ranges(base)
+        if sid_hi >= sdd_lo:
+            raise ValueError(f"jitter ranges allow sid={sid_hi:g} mm >= sdd={sdd_lo:g} mm; expected every SID below "
+                             "every SDD (the detector lies beyond the isocentre)")
+
+    def sample(self, base: DRRGeometry, subject_id: str) -> DRRGeometry:
+        """The geometry of one subject: ``base`` with this jitter's draws."""
+        digest = hashlib.sha256(f"{self.seed}:{subject_id}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        out = base
+        for view in VIEWS:
+            u = torch.rand(5, generator=g, dtype=torch.float64).tolist()
+            v = base.view(view)
+            changes = {}
+            if self.sdd is not None:
+                changes["sdd"] = self.sdd[0] + u[0] * (self.sdd[1] - self.sdd[0])
+            if self.sid is not None:
+                changes["sid"] = self.sid[0] + u[1] * (self.sid[1] - self.sid[0])
+            if self.offset > 0:
+                changes["offset"] = (v.offset[0] + (2 * u[2] - 1) * self.offset, v.offset[1] + (2 * u[3] - 1) * self.offset)
+            if self.angle > 0:
+                changes["angle"] = max(-MAX_ANGLE, min(MAX_ANGLE, v.angle + (2 * u[4] - 1) * self.angle))
+            out = replace(out, **{view.lower(): replace(v, **changes)})
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain dict for dataset.json."""
+        return {"sdd": list(self.sdd) if self.sdd else None, "sid": list(self.sid) if self.sid else None,
+                "offset_mm": float(self.offset), "angle_deg": float(self.angle), "seed": int(self.seed)}
 
 
 def subject_paths(out: Path, subject_id: str) -> dict[str, Path]:
@@ -159,20 +251,21 @@ def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], 
                     preprocessor: Preprocessor, geometry: DRRGeometry, seed: int = 0,
                     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), labels: dict[str, int] | None = None,
                     extra_info: dict | None = None, progress: bool = True,
-                    device: str | torch.device = "cpu") -> PrepareSummary:
+                    device: str | torch.device = "cpu", jitter: GeometryJitter | None = None) -> PrepareSummary:
     """Prepare a dataset from ``(subject_id, load_ct)`` pairs; the core of both CLIs.
 
     Args:
         items: subject id and a callable that returns its CT in HU (called only when not done yet).
         out: output folder (created; may hold an earlier run with the same settings).
         preprocessor: preprocessing settings; ``preprocessor.fit`` must be False (one spacing per dataset).
-        geometry: DRR geometry for both views.
+        geometry: DRR geometry for both views (the dataset's default, in ``dataset.json``).
         seed: split seed (splits already in ``out/manifest.csv`` are kept).
         fractions: ``(train, val, test)`` split fractions.
         labels: integer label per subject id (default 0).
         extra_info: extra JSON-able fields for dataset.json.
         progress: show a tqdm bar.
         device: where DRRs are rendered (``"cuda"`` is much faster for 256^3 volumes).
+        jitter: per-subject geometry variation; the manifest then holds each subject's geometry columns.
 
     Returns:
         The summary. ``manifest.csv`` and ``dataset.json`` are written only if a subject is ready.
@@ -183,19 +276,24 @@ def prepare_dataset(items: Sequence[tuple[str, Callable[[], tio.ScalarImage]]], 
     ids = [sid for sid, _ in items]
     if preprocessor.fit:
         raise ValueError("Preprocessor(fit=True) gives each CT its own spacing; a dataset needs one fixed spacing")
+    extra = {"preprocess": preprocessor.to_dict(), "split_fractions": list(fractions), **(extra_info or {})}
+    jitter = jitter if jitter is not None and jitter.active else None
+    if jitter is not None:
+        jitter.check(geometry)
+        extra["geometry_jitter"] = jitter.to_dict()
     info = DatasetInfo(window=preprocessor.window, spacing=preprocessor.spacing, shape=preprocessor.shape,
-                       geometry=geometry, split_seed=seed,
-                       extra={"preprocess": preprocessor.to_dict(), "split_fractions": list(fractions),
-                              **(extra_info or {}), "world_frame": world_frame_info()})
+                       geometry=geometry, split_seed=seed, extra={**extra, "world_frame": world_frame_info()})
     loaders = dict(items)
     extents: dict[str, list[float]] = {}
+    geometry_of = (lambda sid: jitter.sample(geometry, sid)) if jitter is not None else (lambda sid: geometry)
 
     def write(sid: str, paths: dict[str, Path]) -> dict:
-        facts = prepare_subject(loaders[sid](), paths, preprocessor, geometry, device)
+        facts = prepare_subject(loaders[sid](), paths, preprocessor, geometry_of(sid), device)
         extents[sid] = facts.pop("extent_mm")
         return facts
 
-    summary = write_prepared_dataset(ids, out, info, write, fractions, labels, progress)
+    columns = (lambda sid: geometry_of(sid).to_columns()) if jitter is not None else None
+    summary = write_prepared_dataset(ids, out, info, write, fractions, labels, progress, row_columns=columns)
     warning = crop_warning(extents, preprocessor.shape, preprocessor.spacing)
     if warning:
         summary.warnings.append(warning)
@@ -214,7 +312,8 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
                            write_subject: Callable[[str, dict[str, Path]], None],
                            fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                            labels: dict[str, int] | None = None, progress: bool = True,
-                           desc: str = "prepare") -> PrepareSummary:
+                           desc: str = "prepare",
+                           row_columns: Callable[[str], dict] | None = None) -> PrepareSummary:
     """The prepared-dataset loop shared by ``dataset.prepare`` and the converters.
 
     Skips subjects whose three files exist (resume), calls ``write_subject(sid, paths)`` for the rest
@@ -231,6 +330,7 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
         labels: integer label per subject id (default 0).
         progress: show a tqdm bar.
         desc: progress bar label.
+        row_columns: extra manifest columns of a subject (e.g. its DRR geometry columns).
 
     ``write_subject`` may return a dict; its ``scanner_centre_ras_mm`` goes into ``dataset.json``
     (``world_frame``) when ``info`` has a world frame.
@@ -292,7 +392,8 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
     splits = assign_splits(done, info.split_seed, fractions, existing)
     labels = labels or {}
     rows = [{"subject_id": sid, **{k: str(p) for k, p in subject_paths(out, sid).items()},
-             "label": int(labels.get(sid, 0)), "split": splits[sid]} for sid in done]
+             "label": int(labels.get(sid, 0)), "split": splits[sid], **(row_columns(sid) if row_columns else {})}
+            for sid in done]
     Manifest.write(pd.DataFrame(rows), manifest_path)
     info.save(info_path)
     summary.manifest = manifest_path
@@ -340,6 +441,49 @@ def _triple_arg(values: list[float], name: str) -> tuple:
     return tuple(values) * 3 if len(values) == 1 else tuple(values)
 
 
+def add_geometry_arguments(p: argparse.ArgumentParser, drr_size: int) -> None:
+    """DRR geometry and per-subject jitter options (shared by ``dataset.prepare`` and ``dataset.prepare_demo``)."""
+    mm = number(float, 0, min_open=True)
+    p.add_argument("--drr-size", type=number(int, 2), default=drr_size, help=f"detector pixels, square (default {drr_size})")
+    p.add_argument("--sdd", type=mm, default=1500.0, help="source-to-detector distance, mm (default 1500)")
+    p.add_argument("--sid", type=mm, default=1000.0, help="source-to-isocentre distance, mm (default 1000)")
+    p.add_argument("--pixel-spacing", type=mm, default=None,
+                   help="detector pixel pitch, mm (default: the whole volume fits the detector at every subject's "
+                        "geometry)")
+    p.add_argument("--wet-scale", type=mm, default=250.0, help="DRR contrast: water-equivalent mm -> 1-1/e")
+    p.add_argument("--jitter-sdd", type=mm, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="per-subject SDD drawn uniformly in [MIN, MAX] mm, each view on its own (default: off)")
+    p.add_argument("--jitter-sid", type=mm, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="per-subject SID drawn uniformly in [MIN, MAX] mm, each view on its own (default: off)")
+    p.add_argument("--jitter-offset", type=number(float, 0), default=0.0, metavar="MM",
+                   help="per-subject detector offset, uniform in [-MM, MM] along each detector axis (default 0)")
+    p.add_argument("--jitter-angle", type=number(float, 0, MAX_ANGLE), default=0.0, metavar="DEG",
+                   help="per-subject view-angle deviation, uniform in [-DEG, DEG] per view (default 0)")
+    p.add_argument("--jitter-seed", type=number(int, 0), default=None, help="jitter seed (default: --seed)")
+
+
+def geometry_from_args(args: argparse.Namespace, pre: Preprocessor) -> tuple[DRRGeometry, GeometryJitter | None]:
+    """The dataset's default DRR geometry and the per-subject jitter (None when off) from the CLI options.
+
+    Without ``--pixel-spacing`` the pitch is chosen so that the whole volume fits the detector at the
+    largest magnification any subject gets.
+    """
+    seed = args.jitter_seed if args.jitter_seed is not None else args.seed
+    jitter = GeometryJitter(args.jitter_sdd, args.jitter_sid, args.jitter_offset, args.jitter_angle, seed)
+    size = (args.drr_size, args.drr_size)
+    base = DRRGeometry.uniform(args.sdd, args.sid, size, args.pixel_spacing or 1.0, args.wet_scale)
+    jitter.check(base)
+    (_, sdd_hi), (sid_lo, _) = jitter.distance_ranges(base)
+    half = max(n * s / 2 for n, s in zip(pre.shape[1:], pre.spacing[1:]))
+    if sid_lo <= half:
+        raise ValueError(f"sid={sid_lo:g} mm puts the source inside the volume (half width {half:.1f} mm); "
+                         "expected a larger --sid / --jitter-sid")
+    if args.pixel_spacing is None:  # fitted where the magnification is largest
+        pitch = DRRGeometry.fit(pre.shape, pre.spacing, size, sdd_hi, sid_lo, args.wet_scale).pixel_spacing[0]
+        base = DRRGeometry.uniform(args.sdd, args.sid, size, pitch, args.wet_scale)
+    return base, (jitter if jitter.active else None)
+
+
 def build_parser() -> OneLineParser:
     """The ``dataset.prepare`` argument parser."""
     p = OneLineParser(prog="python -m dataset.prepare", description=__doc__.split("\n")[0])
@@ -349,12 +493,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--spacing", type=number(float, min=0, min_open=True), nargs="+", default=[1.5], help="target spacing mm D H W (or one)")
     p.add_argument("--hu-min", type=number(float), default=-1000.0, help="HU window lower end (maps to -1)")
     p.add_argument("--hu-max", type=number(float), default=1000.0, help="HU window upper end (maps to +1)")
-    p.add_argument("--drr-size", type=number(int, min=2), default=256, help="detector pixels (square)")
-    p.add_argument("--sdd", type=number(float, min=0, min_open=True), default=1500.0, help="source-to-detector distance, mm")
-    p.add_argument("--sid", type=number(float, min=0, min_open=True), default=1000.0, help="source-to-isocentre distance, mm")
-    p.add_argument("--pixel-spacing", type=number(float, min=0, min_open=True), default=None,
-                   help="detector pixel pitch, mm (default: the whole volume fits the detector)")
-    p.add_argument("--wet-scale", type=number(float, min=0, min_open=True), default=250.0, help="DRR contrast: water-equivalent mm -> 1-1/e")
+    add_geometry_arguments(p, drr_size=256)
     p.add_argument("--seed", type=number(int, min=0), default=0, help="split seed")
     p.add_argument("--split", type=number(float, min=0), nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--labels", type=Path, default=None, help="CSV subject_id,label (default label 0)")
@@ -374,18 +513,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def work() -> int | None:
         pre = Preprocessor(shape=_triple_arg(args.size, "size"), spacing=_triple_arg(args.spacing, "spacing"),
                            window=HUWindow(args.hu_min, args.hu_max))
-        if args.pixel_spacing is None:
-            geometry = DRRGeometry.fit(pre.shape, pre.spacing, args.drr_size, args.sdd, args.sid, args.wet_scale)
-        else:
-            geometry = DRRGeometry.uniform(args.sdd, args.sid, (args.drr_size, args.drr_size), args.pixel_spacing,
-                                   args.wet_scale)
+        geometry, jitter = geometry_from_args(args, pre)
         labels = read_labels(args.labels) if args.labels is not None else None
         sources = find_cts(args.input)
         pt_spacing = tuple(args.pt_spacing)
         items = [(sid, lambda p=path: read_ct(p, pt_spacing=pt_spacing)) for sid, path in sources]
         summary = prepare_dataset(items, args.out, pre, geometry, args.seed, tuple(args.split), labels,
                                   extra_info={"source": str(args.input.resolve())}, progress=not args.no_progress,
-                                  device=args.device)
+                                  device=args.device, jitter=jitter)
         return summary.report(parser.prog)
 
     return run_cli(parser.prog, work)

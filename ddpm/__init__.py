@@ -9,6 +9,7 @@ from ddpm.dit_block import CrossAttention, DiTBlock, FinalLayer
 from ddpm.embeddings import LabelEmbedder, ResolutionEmbedder, TimestepEmbedder, sincos_pos_embed_2d, sincos_pos_embed_3d
 from ddpm.loading import LoadedBiFlowNet, load_biflownet
 from ddpm.projection import back_project, cone_beam_grids, footprint_mask, parallel_projection_grids
+from ddpm.xray_conditioner import XrayConditioner, XrayConditioning
 from ddpm.xray_encoder import XrayEncoder
 
 # ddpm.lora imports peft (and through it transformers, seconds of start-up), so its names load on first use.
@@ -30,6 +31,8 @@ __all__ = [
     "NonFiniteLossError",
     "ResolutionEmbedder",
     "TimestepEmbedder",
+    "XrayConditioner",
+    "XrayConditioning",
     "XrayEncoder",
     "apply_lora",
     "back_project",

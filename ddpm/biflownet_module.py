@@ -25,7 +25,8 @@ class BiFlowNetModule(L.LightningModule):
 
     Batches are dicts from ``dataset.PairedDataModule``: ``latent`` (B, C, d, h, w) raw autoencoder
     latents (normalised here with the stored statistics), ``ap``/``lat`` (B, 1, H, W) X-rays in [0, 1],
-    ``label`` (B,) long.
+    ``label`` (B,) long, and ``geometry`` (B, 2, 10) the packed DRR geometry of each pair when the dataset
+    records one (passed to the network, which uses its default-geometry buffers for default samples).
 
     Args:
         network: BiFlowNet keyword arguments (plain dict, stored in the checkpoint).
@@ -38,8 +39,8 @@ class BiFlowNetModule(L.LightningModule):
         val_timesteps: fixed timesteps of the validation denoising loss.
         val_sample_steps: DDIM/flow steps of the small validation sample (0 disables it).
         val_guidance_scale: CFG scale of the validation sample.
-        dataset_json: prepared dataset's ``dataset.json``; when it exists the real cone-beam grids
-            replace the parallel-beam default at ``setup``.
+        dataset_json: prepared dataset's ``dataset.json``; when it exists its DRR geometry (cone-beam
+            grids) and latent voxel spacing go into the network at ``setup`` (saved with the weights).
         init_from: BiFlowNet checkpoint whose EMA weights (and latent statistics) start this run; its
             network configuration must equal ``network``.
         lora: LoRA settings (``ddpm.lora.LoraSettings`` fields) to fine-tune adapters only on top of the
@@ -143,16 +144,15 @@ class BiFlowNetModule(L.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        """Put the dataset's cone-beam geometry into the network (before a checkpoint, if any, is restored)."""
-        from pathlib import Path
-
-        if self.model.xray_encoder is None or not self.dataset_json or not Path(self.dataset_json).is_file():
+        """Put the dataset's DRR geometry and latent voxel spacing into the network (before a checkpoint, if
+        any, is restored): the grid buffers of the default geometry, and what per-sample geometries need."""
+        if self.model.xray is None or not self.dataset_json or not Path(self.dataset_json).is_file():
             return
-        from ddpm.projection import cone_beam_grids
+        from ddpm.projection import dataset_geometry
 
-        grid_ap, grid_lat = cone_beam_grids(self.dataset_json, self.model.latent_shape)
+        geometry, spacing = dataset_geometry(self.dataset_json, self.model.latent_shape)
         for net in (self.model, self.ema_model):
-            net.set_projection_grids(grid_ap.to(self.device), grid_lat.to(self.device))
+            net.set_geometry(geometry, spacing)
 
     # --------------------------------------------------------------- helpers
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -177,8 +177,10 @@ class BiFlowNetModule(L.LightningModule):
         cond: dict = {}
         if self.model.num_classes > 0:
             cond["y"] = batch["label"].long()
-        if self.model.xray_encoder is not None:
+        if self.model.xray is not None:
             cond["ap"], cond["lat"] = batch["ap"].float(), batch["lat"].float()
+            if batch.get("geometry") is not None:
+                cond["geometry"] = batch["geometry"]  # (B, 2, 10) per-sample DRR geometry
         return self.normalize(z.float()), cond
 
     # --------------------------------------------------------------- training

@@ -214,6 +214,7 @@ def guided(
     y: torch.Tensor | None = None,
     ap: torch.Tensor | None = None,
     lat: torch.Tensor | None = None,
+    geometry: torch.Tensor | None = None,
 ) -> ModelFn:
     """Wrap a BiFlowNet-like model as ``model_fn(x_t, t)`` with classifier-free guidance.
 
@@ -221,18 +222,20 @@ def guided(
     exactly (one forward pass); otherwise conditional and unconditional halves run as one batch.
 
     Args:
-        model: callable ``model(x, t, y=, ap=, lat=, drop=)``.
+        model: callable ``model(x, t, y=, ap=, lat=, drop=, geometry=)``.
         guidance_scale: CFG scale (1 = plain conditional model).
         y: (B,) labels or None; ap, lat: (B, 1, H, W) X-rays or None.
+        geometry: (B, 2, 10) packed geometry of each X-ray pair, or None (the model's default).
     """
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         if guidance_scale == 1.0:
-            return model(x, t, y=y, ap=ap, lat=lat, drop=torch.zeros(b, dtype=torch.bool, device=x.device))
+            return model(x, t, y=y, ap=ap, lat=lat, drop=torch.zeros(b, dtype=torch.bool, device=x.device),
+                         geometry=geometry)
         two = lambda v: None if v is None else torch.cat([v, v], dim=0)  # noqa: E731
         drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-        out = model(two(x), two(t), y=two(y), ap=two(ap), lat=two(lat), drop=drop)
+        out = model(two(x), two(t), y=two(y), ap=two(ap), lat=two(lat), drop=drop, geometry=two(geometry))
         cond, uncond = out.float().chunk(2, dim=0)
         return uncond + guidance_scale * (cond - uncond)
 

@@ -42,14 +42,17 @@ class CrossAttention(nn.Module):
         Args:
             x: (B, L, dim) queries (all tokens of all sub-volumes of one volume in a row).
             context: (B, M, context_dim) X-ray tokens.
-            mask: optional (L, M) bool, True where a query may attend to a context token.
+            mask: optional bool, True where a query may attend to a context token: (L, M) shared by the
+                batch or (B, L, M) per batch element.
 
         Returns:
             (B, L, dim) residual update.
         """
         q = rearrange(self.q(self.norm(x)), "b l (h c) -> b h l c", h=self.num_heads)
         k, v = rearrange(self.kv(context), "b m (two h c) -> two b h m c", two=2, h=self.num_heads)
-        attn_mask = None if mask is None else mask[None, None]  # (1, 1, L, M) broadcast over batch and heads
+        attn_mask = None
+        if mask is not None:  # broadcast over heads (and over the batch when shared)
+            attn_mask = mask[:, None] if mask.ndim == 3 else mask[None, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(rearrange(out, "b h l c -> b l (h c)"))
 
@@ -111,7 +114,7 @@ class DiTBlock(nn.Module):
             x: (B*n, T, dim) tokens, sub-volume-major within each batch element.
             c: (B*n, cond_dim) conditioning per sub-volume.
             context: (B, M, context_dim) X-ray tokens (required when built with ``context_dim``).
-            mask: (n*T, M) bool footprint mask or None.
+            mask: (n*T, M) or (B, n*T, M) bool footprint mask, or None.
             skip: (B*n, T, dim) long skip (required when built with ``skip=True``).
 
         Returns:

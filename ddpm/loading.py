@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dataset.checkpoint import CheckpointError, load_state, read_checkpoint
+from dataset.drr import DRRGeometry
 from ddpm.biflownet import BiFlowNet
 from ddpm.diffusion import Diffusion
 
@@ -24,6 +25,8 @@ class LoadedBiFlowNet:
         conditioning: plain dict: num_classes, xray_size (H, W) or None, cross_attention,
             back_projection, latent_shape (D, H, W), latent_channels, p_uncond, step.
         hparams: the module's stored hyper-parameters.
+        geometry: the training default DRR geometry (``dataset.drr.DRRGeometry``) stored with the
+            weights, or None (no X-ray conditioning, or X-rays without a known geometry).
     """
 
     model: BiFlowNet
@@ -32,6 +35,7 @@ class LoadedBiFlowNet:
     latent_std: torch.Tensor
     conditioning: dict
     hparams: dict = field(default_factory=dict)
+    geometry: DRRGeometry | None = None
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised sample (B, C, D, H, W) -> raw autoencoder latent for decoding."""
@@ -118,6 +122,7 @@ def load_biflownet(
         latent_std=sd["latent_std"],
         conditioning=conditioning,
         hparams=dict(hp),
+        geometry=model.xray.geometry if model.xray is not None else None,
     )
 
 

@@ -5,11 +5,11 @@ A BiFlowNet (with its X-ray encoder) is adapted to a new site by training low-ra
 what ``peft`` writes (``adapter_config.json``, ``adapter_model.safetensors``) plus
 ``biflownet_adapter.json``: the base checkpoint it was trained on, a fingerprint of the base weights,
 the network configuration and the signature of every adapted layer, so an adapter is refused by a base
-it does not fit. The adapter also carries the projection grids of the site it was trained on
-(``projection_grids.safetensors``, X-ray-conditioned models only).
+it does not fit. The adapter also carries the projection of the site it was trained on (grids, default
+DRR geometry and latent spacing in ``projection_grids.safetensors``, X-ray-conditioned models only).
 
 Target modules are regular expressions matched (``re.fullmatch``) against module names of the plain
-BiFlowNet, e.g. ``dit_in.0.attn.qkv`` or ``xray_encoder.blocks.0.mlp.fc1``; they are resolved to the
+BiFlowNet, e.g. ``dit.in_blocks.0.attn.qkv`` or ``xray.encoder.blocks.0.mlp.fc1``; they are resolved to the
 exact list of layer names before peft sees them.
 """
 
@@ -43,8 +43,8 @@ RUNTIME_KEYS = ("grad_checkpointing",)
 
 # attention and MLP linears of every DiT block (self-attention, cross-attention) and X-ray encoder block
 DEFAULT_TARGETS = (
-    r"dit_(in|mid|out)\.\d+\.(attn\.(qkv|proj)|cross\.(q|kv|proj)|mlp\.fc[12])",
-    r"xray_encoder\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
+    r"dit\.(in|mid|out)_blocks\.\d+\.(attn\.(qkv|proj)|cross\.(q|kv|proj)|mlp\.fc[12])",
+    r"xray\.encoder\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
 )
 
 
@@ -250,9 +250,8 @@ def save_adapter(
         }
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
         net = model.get_base_model()
-        if getattr(net, "xray_encoder", None) is not None:
-            save_file({"grid_ap": net.grid_ap.detach().cpu().contiguous(),
-                       "grid_lat": net.grid_lat.detach().cpu().contiguous()}, str(tmp / ADAPTER_GRIDS))
+        if getattr(net, "xray", None) is not None:
+            save_file(net.xray.projection_state(), str(tmp / ADAPTER_GRIDS))
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -355,10 +354,8 @@ def load_adapter(
     unmatched = sorted(set(saved) ^ set(live)) + [k for k in saved if k in live and saved[k].shape != live[k].shape]
     if unmatched:
         raise ValueError(f"adapter {d} does not fit the base model: adapter weights {unmatched[:3]} have no matching layer")
-    if (d / ADAPTER_GRIDS).is_file() and getattr(model, "xray_encoder", None) is not None:
-        grids = read_safetensors(d / ADAPTER_GRIDS, "adapter projection grids file")
-        device = next(model.parameters()).device
-        model.set_projection_grids(grids["grid_ap"].to(device), grids["grid_lat"].to(device))
+    if (d / ADAPTER_GRIDS).is_file() and getattr(model, "xray", None) is not None:
+        model.xray.load_projection_state(read_safetensors(d / ADAPTER_GRIDS, "adapter projection grids file"))
     out: nn.Module = wrapped.merge_and_unload() if merge else wrapped
     return out.eval().requires_grad_(False)
 

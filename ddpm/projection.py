@@ -1,9 +1,10 @@
 """Projection geometry for X-ray conditioning: voxel -> detector grids, footprints, back-projection.
 
 A projection grid has layout (D, H, W, 2): for each latent voxel centre, the detector position in
-``F.grid_sample`` convention (x = column, y = row, both in [-1, 1], align_corners=False). The network
-keeps such grids as buffers, so it never depends on dataset code; :func:`cone_beam_grids` builds the
-real grids from a prepared dataset's ``dataset.json``.
+``F.grid_sample`` convention (x = column, y = row, both in [-1, 1], align_corners=False). Cone-beam
+grids come from :func:`dataset.drr.project_points`, the one projection function that DRR rendering,
+evaluation and the network share: :func:`projection_grids` for packed per-sample geometries,
+:func:`cone_beam_grids` for a prepared dataset's ``dataset.json``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from dataset.drr import VIEWS, project_points, voxel_centres
 
 
 def parallel_projection_grids(shape_dhw: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,17 +37,35 @@ def parallel_projection_grids(shape_dhw: tuple[int, int, int]) -> tuple[torch.Te
     return grid_ap, grid_lat
 
 
-def cone_beam_grids(
-    dataset_json: str | Path, latent_shape_dhw: tuple[int, int, int]
+def projection_grids(
+    geometry: torch.Tensor, shape_dhw: tuple[int, int, int], spacing_dhw: tuple[float, float, float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real projection grids at latent resolution from a prepared dataset's ``dataset.json``.
+    """Cone-beam grids of a latent grid for packed pair geometries.
 
-    The latent voxel spacing is the CT spacing times the CT-to-latent downsampling factor, so every
-    latent voxel centre is projected through the stored DRR geometry.
+    Args:
+        geometry: ``(2, 10)`` or ``(B, 2, 10)`` packed geometry (``DRRGeometry.to_tensor()``), AP row first.
+        shape_dhw: latent grid size (D, H, W).
+        spacing_dhw: latent voxel spacing in mm (CT spacing times the CT-to-latent factor).
 
     Returns:
-        (grid_ap, grid_lat), each (D, H, W, 2) float32; the parallel-beam grids when the dataset records
-        no geometry (X-rays imported by ``dataset.convert_pt`` without one).
+        (grid_ap, grid_lat), each float32 ``(D, H, W, 2)`` (or ``(B, D, H, W, 2)``) on ``geometry``'s
+        device; computed in float64 like ``DRRGeometry.sample_grid``, so both agree exactly.
+    """
+    g = geometry.to(torch.float64)
+    points = voxel_centres(tuple(shape_dhw), tuple(spacing_dhw), device=g.device).reshape(-1, 3)  # (N, 3) mm
+    lead = g.shape[:-2]
+    grids = [project_points(points, view, g[..., i, :]) for i, view in enumerate(VIEWS)]  # each (..., N, 2)
+    return tuple(x.reshape(*lead, *shape_dhw, 2).to(torch.float32) for x in grids)  # type: ignore[return-value]
+
+
+def dataset_geometry(dataset_json: str | Path, latent_shape_dhw: tuple[int, int, int]):
+    """The DRR geometry of a prepared dataset and its latent voxel spacing.
+
+    The latent voxel spacing is the CT spacing times the CT-to-latent downsampling factor.
+
+    Returns:
+        ``(geometry, latent_spacing)``: a ``dataset.drr.DRRGeometry`` (None when the dataset records
+        none, e.g. X-rays imported by ``dataset.convert_pt``) and a ``(D, H, W)`` tuple in mm.
     """
     path = Path(dataset_json)
     if not path.is_file():
@@ -52,14 +73,23 @@ def cone_beam_grids(
     from dataset.dataset_info import DatasetInfo  # lazy: only callers with a prepared dataset need it
 
     info = DatasetInfo.load(path)
-    if info.geometry is None:
-        return parallel_projection_grids(tuple(latent_shape_dhw))
     spacing = tuple(s * ct / lat for s, ct, lat in zip(info.spacing, info.shape, latent_shape_dhw))
-    grids = [info.geometry.sample_grid(view, tuple(latent_shape_dhw), spacing).float() for view in ("AP", "LAT")]
-    for g in grids:
-        if tuple(g.shape) != (*latent_shape_dhw, 2):
-            raise ValueError(f"projection grid has shape {tuple(g.shape)}, expected {(*latent_shape_dhw, 2)}")
-    return grids[0], grids[1]
+    return info.geometry, spacing
+
+
+def cone_beam_grids(
+    dataset_json: str | Path, latent_shape_dhw: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real projection grids at latent resolution from a prepared dataset's ``dataset.json``.
+
+    Returns:
+        (grid_ap, grid_lat), each (D, H, W, 2) float32; the parallel-beam grids when the dataset records
+        no geometry (X-rays imported by ``dataset.convert_pt`` without one).
+    """
+    geometry, spacing = dataset_geometry(dataset_json, latent_shape_dhw)
+    if geometry is None:
+        return parallel_projection_grids(tuple(latent_shape_dhw))
+    return projection_grids(geometry.to_tensor(), tuple(latent_shape_dhw), spacing)
 
 
 def footprint_mask(
@@ -109,15 +139,18 @@ def back_project(feature_map: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
     Args:
         feature_map: (B, C, h, w) features on the detector.
-        grid: (D, H, W, 2) projection grid.
+        grid: (D, H, W, 2) projection grid shared by the batch, or (B, D, H, W, 2) one per sample.
 
     Returns:
         (B, C, D, H, W): each voxel gets the (bilinear) feature at its detector position.
     """
-    d, h, w, _ = grid.shape
-    flat = rearrange(grid, "d h w two -> 1 d (h w) two").expand(feature_map.shape[0], -1, -1, -1)
+    d, h, w, _ = grid.shape[-4:]
+    if grid.ndim == 4:
+        grid = grid[None].expand(feature_map.shape[0], -1, -1, -1, -1)
+    flat = rearrange(grid, "b d h w two -> b d (h w) two")
     out = F.grid_sample(feature_map, flat.to(feature_map.dtype), mode="bilinear", align_corners=False)  # (B, C, D, H*W)
     return rearrange(out, "b c d (h w) -> b c d h w", h=h, w=w)
 
 
-__all__ = ["back_project", "cone_beam_grids", "footprint_mask", "parallel_projection_grids"]
+__all__ = ["back_project", "cone_beam_grids", "dataset_geometry", "footprint_mask", "parallel_projection_grids",
+           "projection_grids"]

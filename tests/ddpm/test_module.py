@@ -75,7 +75,7 @@ def test_train_save_load_resume_keeps_ema_and_step(tmp_path: Path) -> None:
     assert loaded.diffusion.hparams()["target"] == "v"
     torch.testing.assert_close(loaded.latent_std.flatten(), torch.full((4,), 2.0))
     raw_loaded = load_biflownet(last, use_ema=False).model
-    torch.testing.assert_close(dict(raw_loaded.named_parameters())["x_embedder.weight"], raw["x_embedder.weight"])
+    torch.testing.assert_close(dict(raw_loaded.named_parameters())["dit.embed.weight"], raw["dit.embed.weight"])
 
     resumed = _module()
     trainer2 = _trainer(tmp_path, max_steps=5, limit_val_batches=0)

@@ -14,9 +14,9 @@ from evaluation.generation import CTGenerator
 from tests.evaluation.test_generate_ct import PROCESS, checkpoints, load, pair, run_cli  # noqa: F401
 
 # the random-weight bases barely use their inputs, so the adapter also reaches the output convolution
-LORA = {"rank": 2, "alpha": 2.0, "target_modules": [r"dit_(in|mid|out)\.\d+\.mlp\.fc[12]",
-                                                    r"xray_encoder\.blocks\.\d+\.mlp\.fc[12]",
-                                                    r"(downs|ups)\.\d+\.[02]\.conv[12]\.conv", r"final\.3"]}
+LORA = {"rank": 2, "alpha": 2.0, "target_modules": [r"dit\.(in|mid|out)_blocks\.\d+\.mlp\.fc[12]",
+                                                    r"xray\.encoder\.blocks\.\d+\.mlp\.fc[12]",
+                                                    r"unet\.(down|up)\.\d+\.res[12]\.conv[12]\.conv", r"unet\.out_conv"]}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
@@ -88,7 +88,7 @@ def test_adapter_that_does_not_fit_exits_2_naming_it(checkpoints, adapters, pair
     # the same architecture, but base weights other than the ones the adapter was trained on
     other = tmp_path / "other.ckpt"
     ckpt = torch.load(checkpoints["xray"], weights_only=True)
-    ckpt["state_dict"]["ema_model.x_embedder.weight"] += 0.01
+    ckpt["state_dict"]["ema_model.dit.embed.weight"] += 0.01
     torch.save(ckpt, other)
     code, err = run_cli(class_conditional_generation, ["--checkpoint", other, "--adapter", adapters["xray"],
                                                        "--output-dir", tmp_path / "gen"], capsys)

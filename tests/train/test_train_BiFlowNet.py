@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dataset.dataset_info import DatasetInfo
 from dataset.manifest import Manifest
 from dataset.paired_dataset import PairedDataset
 from ddpm import load_biflownet, parallel_projection_grids
@@ -88,8 +89,12 @@ def test_run_trains_writes_checkpoint_and_resumes(latent_dataset: Path, tmp_path
     assert first.conditioning["step"] == 2 and first.conditioning["xray_size"] == [32, 32]
     # the real cone-beam grids from dataset.json replaced the parallel-beam default
     parallel_ap, parallel_lat = parallel_projection_grids((8, 8, 8))
-    assert not torch.allclose(first.model.grid_ap, parallel_ap, atol=1e-3)
-    assert not torch.allclose(first.model.grid_lat, parallel_lat, atol=1e-3)
+    assert not torch.allclose(first.model.xray.grid_ap, parallel_ap, atol=1e-3)
+    assert not torch.allclose(first.model.xray.grid_lat, parallel_lat, atol=1e-3)
+    # ... and the checkpoint carries the training geometry and latent voxel spacing (32^3 CT at 8 mm -> 8^3 latent)
+    info = DatasetInfo.load(latent_dataset)
+    assert first.geometry == info.geometry and first.model.xray.latent_spacing == (32.0, 32.0, 32.0)
+    torch.testing.assert_close(first.model.xray.grid_ap, info.geometry.sample_grid("AP", (8, 8, 8), (32.0,) * 3))
     out2 = run(_compose(_overrides(latent_dataset, tmp_path, steps=4)))  # ckpt_path=last -> resume
     assert out2["global_step"] == 4
     second = torch.load(out2["last_checkpoint"], weights_only=True)

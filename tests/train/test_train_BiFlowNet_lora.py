@@ -78,7 +78,7 @@ def test_lora_run_trains_adapters_only_saves_them_and_resumes(latent_dataset: Pa
     # zero-initialised B moved in the U-Net and X-ray encoder layers; DiT self-attention/MLP adapters may
     # still be zero here because a 2-step base has its adaLN-Zero gates still at exactly zero
     lora_b = {k: v for k, v in run_sd.items() if k.startswith("ema_model.") and "lora_B" in k}
-    ungated = [k for k in lora_b if ".downs." in k or ".ups." in k or ".xray_encoder." in k]
+    ungated = [k for k in lora_b if ".unet.down." in k or ".unet.up." in k or ".xray.encoder." in k]
     assert len(ungated) > 10 and all(lora_b[k].abs().sum() > 0 for k in ungated)
     assert _sha(base_checkpoint) == base_sha  # the base file itself is untouched
 
@@ -86,7 +86,7 @@ def test_lora_run_trains_adapters_only_saves_them_and_resumes(latent_dataset: Pa
     meta = read_adapter_meta(adapter)
     assert meta["step"] == 2 and meta["base_checkpoint"] == str(base_checkpoint.resolve())
     assert meta["base_fingerprint"] == weights_fingerprint(load_biflownet(base_checkpoint).model)
-    assert any(name.startswith("downs.") for name in meta["target_modules"])  # the U-Net preset was used
+    assert any(name.startswith("unet.down.") for name in meta["target_modules"])  # the U-Net preset was used
     assert meta["trainable_fraction"] == pytest.approx(fraction)
 
     resumed = run(_compose(_lora_overrides(latent_dataset, tmp_path, base_checkpoint, steps=4)))
@@ -98,7 +98,7 @@ def test_resume_on_a_changed_base_is_refused(latent_dataset: Path, base_checkpoi
     base.write_bytes(base_checkpoint.read_bytes())
     run(_compose(_lora_overrides(latent_dataset, tmp_path, base, steps=1)))
     ckpt = torch.load(base, weights_only=True)
-    ckpt["state_dict"]["ema_model.x_embedder.bias"] += 0.5
+    ckpt["state_dict"]["ema_model.dit.embed.bias"] += 0.5
     torch.save(ckpt, base)
     with pytest.raises(ValueError, match="differ from the base this LoRA run started on"):
         run(_compose(_lora_overrides(latent_dataset, tmp_path, base, steps=2)))

@@ -1,0 +1,92 @@
+"""FastConv3d: small CPU convolutions on oneDNN with exact gradients; BiFlowNet uses it; emulated bf16 -> fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from ddpm import BiFlowNet
+from ddpm import biflownet as biflownet_module
+from ddpm.fast_conv import FastConv3d, takes_slow_path, use_fast_conv3d
+from tests.ddpm.conftest import randomize, tiny_network
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("cin,cout,kernel,stride,padding,bias", [
+    (8, 12, 3, 1, 1, True), (16, 4, 1, 1, 0, True), (5, 7, 3, 1, 0, False), (6, 6, 3, 2, 1, False), (6, 5, 2, 2, 0, True),
+    (4, 4, 3, 2, 0, True),
+])
+def test_values_and_gradients_match_conv3d(cin: int, cout: int, kernel: int, stride: int, padding: int, bias: bool,
+                                           channels_last: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    conv = FastConv3d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = nn.Conv3d(cin, cout, kernel, stride=stride, padding=padding, bias=bias).double()
+    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    x = torch.randn(1, cin, 6, 5, 7, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    assert takes_slow_path(x, conv.weight, conv.dilation, conv.groups)
+    x64 = x.detach().double().requires_grad_()
+    x = x.requires_grad_()
+    y, y64 = conv(x), ref(x64)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    y64.backward(grad.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), ref.weight.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(conv.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_small_cpu_convolutions_run_on_onednn_both_ways() -> None:
+    conv = FastConv3d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 16, 16, 16, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        conv(x).sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops and not any("slow_conv3d" in op for op in ops)
+    assert "aten::convolution_backward" not in ops  # the backward is ours, also on oneDNN
+
+
+def test_which_convolutions_take_the_slow_path() -> None:
+    w3, w1 = torch.zeros(72, 72, 3, 3, 3), torch.zeros(72, 72, 1, 1, 1)
+    one = (1, 1, 1)
+    assert takes_slow_path(torch.zeros(1, 72, 16, 16, 16), w3, one, 1)  # 72*16*16 = 18432 <= 20480
+    assert takes_slow_path(torch.zeros(1, 72, 4, 4, 4), w1, one, 1)
+    assert not takes_slow_path(torch.zeros(1, 72, 32, 32, 32), w3, one, 1)  # oneDNN already
+    assert not takes_slow_path(torch.zeros(2, 72, 16, 16, 16), w3, one, 1)  # batch > 1: oneDNN already
+    assert not takes_slow_path(torch.zeros(1, 72, 16, 16, 16), w3, (2, 2, 2), 1)  # dilated: PyTorch's path
+    assert not takes_slow_path(torch.zeros(1, 72, 16, 16, 16), w3, one, 2)  # grouped
+    assert not takes_slow_path(torch.zeros(1, 72, 16, 16, 16, dtype=torch.float64), w3.double(), one, 1)
+    assert not takes_slow_path(torch.zeros(1, 72, 8, 8, 8), torch.zeros(72, 72, 5, 5, 5), one, 1)
+
+
+def test_biflownet_convolutions_are_fast_and_keep_their_names(inputs: dict) -> None:
+    net = BiFlowNet(**tiny_network(cross_attention="footprint", back_projection=True))
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(type(m) is FastConv3d for m in convs)  # MONAI's residual blocks included
+    plain = use_fast_conv3d(nn.Sequential(nn.Conv3d(2, 2, 3)))
+    assert type(plain[0]) is FastConv3d and list(plain.state_dict()) == ["0.weight", "0.bias"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_autocast_computes_in_fp32_only_where_bf16_is_emulated(native: bool, inputs: dict,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(biflownet_module, "_native_cpu_bf16", lambda: native)
+    net = randomize(BiFlowNet(**tiny_network(cross_attention="footprint", back_projection=True))).eval()
+    with torch.no_grad():
+        fp32 = net(**inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net(**inputs)
+    if native:  # bf16 arithmetic really happens
+        assert (mixed.float() - fp32).abs().max() > 1e-4
+    else:
+        assert mixed.dtype == torch.float32 and torch.equal(mixed, fp32)
