@@ -19,6 +19,7 @@ from omegaconf import DictConfig, open_dict
 
 from ddpm.biflownet_module import NonFiniteLossError
 from ddpm.loading import read_network_config
+from dataset.xray_harmonization import IntensityReference
 from ddpm.preflight import check_training_inputs, read_latent_stats
 from train.common import instantiate_group, resolve_ckpt_path
 
@@ -48,10 +49,11 @@ def run(cfg: DictConfig) -> dict:
     xray_size = net.xray.image_size if net.get("xray") else None
     check_training_inputs(cfg.data.manifest, net.in_channels, net.latent_shape, xray_size)
     stats = read_latent_stats(cfg.latent_stats) if cfg.latent_stats else None
+    xray_stats = IntensityReference.from_manifest(cfg.data.manifest).to_dict() if xray_size is not None else None
 
     datamodule = hydra.utils.instantiate(cfg.data, batch_size=cfg.global_batch_size // world, _convert_="all")
     try:
-        module = hydra.utils.instantiate(cfg.module, latent_stats=stats, _convert_="all")
+        module = hydra.utils.instantiate(cfg.module, latent_stats=stats, xray_stats=xray_stats, _convert_="all")
     except InstantiationException as e:
         # bad settings (e.g. a LoRA pattern that matches nothing, a missing init_from) are input errors
         if isinstance(e.__cause__, (ValueError, FileNotFoundError)):
