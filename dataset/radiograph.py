@@ -638,7 +638,11 @@ def read_radiograph(path: str | os.PathLike, view: str | None = None, ops: Seque
         raise ValueError(f"{path}: cannot be read as an X-ray ({type(e).__name__}: {_first_line(e)})") from None
     if min(image.shape) < 2:
         raise ValueError(f"{path}: X-ray has shape {image.shape}; expected at least 2 x 2 pixels")
-    tag_ops, reversed_ = _orient(px, view, path)
+    try:
+        tag_ops, reversed_ = _orient(px, view, path)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     all_ops = tag_ops + list(ops)
     if ops:
         px.steps.append(f"user ops: {', '.join(ops)}")

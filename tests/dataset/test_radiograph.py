@@ -174,9 +174,12 @@ def test_view_position_sets_the_source_side(tmp_path: Path, view, position, late
     assert torch.equal(r.image, read_radiograph(write_dicom(tmp_path / "y.dcm", marker_image()), view=view).image)
 
 
-def test_view_position_of_the_other_view_is_refused(tmp_path: Path) -> None:
+def test_view_position_or_orientation_of_the_other_view_is_refused(tmp_path: Path) -> None:
     path = write_dicom(tmp_path / "x.dcm", marker_image(), ViewPosition="LL")
-    with pytest.raises(ValueError, match="View Position LL is not an AP view"):
+    with pytest.raises(ValueError, match="x.dcm: View Position LL is not an AP view"):
+        read_radiograph(path, view="AP")
+    path = write_dicom(tmp_path / "y.dcm", marker_image(), PatientOrientation=["P", "F"])
+    with pytest.raises(ValueError, match=r"y.dcm: Patient Orientation P\\F does not describe an AP image"):
         read_radiograph(path, view="AP")
 
 
@@ -329,3 +332,16 @@ def test_bad_given_spacing_is_refused(tmp_path: Path, spacing: float) -> None:
     torch.save(torch.rand(1, 6, 7), tmp_path / "x.pt")
     with pytest.raises(ValueError, match="pixel spacing .* is invalid; expected a positive finite"):
         read_radiograph(tmp_path / "x.pt", pixel_spacing=spacing)
+
+
+@pytest.mark.parametrize("name,bits", [("x.png", 8), ("x.tif", 8), ("x.tif", 16), ("x.jpg", 8)])
+def test_png_tiff_jpeg_scale_by_bit_depth(tmp_path: Path, name: str, bits: int) -> None:
+    from PIL import Image
+
+    high = 2 ** bits - 1
+    pixels = ramp(high=high, dtype=np.uint8 if bits == 8 else np.uint16)
+    Image.fromarray(pixels).save(tmp_path / name)
+    r = read_radiograph(tmp_path / name, view="AP")
+    tolerance = 4 / 255 if name.endswith(".jpg") else 1e-6  # JPEG is lossy
+    assert r.image.shape == (1, 12, 16)
+    assert float((r.image[0] - torch.from_numpy(pixels.astype(np.float32)) / high).abs().max()) <= tolerance

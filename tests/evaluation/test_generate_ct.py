@@ -126,7 +126,9 @@ def test_batch_mode_over_manifest_split(checkpoints, tiny_prepared_dataset, tmp_
                                       "--no-progress"], capsys)
     assert code == 0, err
     ids = list(Manifest.load(tiny_prepared_dataset).split("test").subject_id)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.nii.gz" for i in ids)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.nii.gz" for i in ids] + [f"{i}.json" for i in ids])
+    side = json.loads((out / f"{ids[0]}.json").read_text())  # the prepared dataset's geometry was used
+    assert any("geometry of the prepared dataset" in step for step in side["steps"])
 
 
 def test_existing_output_refused_unless_overwrite(checkpoints, pair, tmp_path, capsys):
@@ -179,9 +181,11 @@ def test_bad_xray_is_one_clear_error_and_nothing_written(kind, message, checkpoi
 @pytest.mark.parametrize("spacing", ["0", "nan", "-1"])
 def test_bad_pixel_spacing_option_is_refused(spacing, checkpoints, pair, tmp_path, capsys):
     ap, lat, _ = pair
-    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat,
-                                      "--output", tmp_path / "ct.nii.gz", "--pixel-spacing", spacing], capsys)
-    assert code == 2 and "--pixel-spacing" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat,
+                              "--output", tmp_path / "ct.nii.gz", "--pixel-spacing", spacing], capsys)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--pixel-spacing" in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
 
 

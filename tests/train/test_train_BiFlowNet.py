@@ -90,6 +90,12 @@ def test_run_trains_writes_checkpoint_and_resumes(latent_dataset: Path, tmp_path
     parallel_ap, parallel_lat = parallel_projection_grids((8, 8, 8))
     assert not torch.allclose(first.model.grid_ap, parallel_ap, atol=1e-3)
     assert not torch.allclose(first.model.grid_lat, parallel_lat, atol=1e-3)
+    # the training X-rays' intensity statistics travel with the checkpoint (generate_ct --harmonize auto)
+    from dataset import IntensityReference
+
+    stats = IntensityReference.from_dict(first.hparams["xray_stats"])
+    assert stats == IntensityReference.from_manifest(latent_dataset / "manifest.csv")
+    assert _compose(_overrides(latent_dataset, tmp_path, steps=2)).data.xray_augment.enabled  # on by default
     out2 = run(_compose(_overrides(latent_dataset, tmp_path, steps=4)))  # ckpt_path=last -> resume
     assert out2["global_step"] == 4
     second = torch.load(out2["last_checkpoint"], weights_only=True)
