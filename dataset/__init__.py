@@ -9,7 +9,10 @@ from dataset.manifest import Manifest
 from dataset.paired_dataset import PairedDataset
 from dataset.phantom import chest_phantom
 from dataset.preprocess import Preprocessor
+from dataset.radiograph import Radiograph, read_radiograph, to_detector
+from dataset.radiograph_style import RadiographStyle
 from dataset.volume import image_to_volume, volume_to_image
+from dataset.xray_harmonization import IntensityReference
 
 # the datamodules import Lightning (seconds), the converters pydicom / h5py; the CLIs in this package and
 # training never need all of them, so they load on first use
@@ -26,10 +29,13 @@ __all__ = [
     "DRRGeometry",
     "DatasetInfo",
     "HUWindow",
+    "IntensityReference",
     "Manifest",
     "PairedDataModule",
     "PairedDataset",
     "Preprocessor",
+    "Radiograph",
+    "RadiographStyle",
     "ViewGeometry",
     "atomic_save_torch",
     "atomic_write",
@@ -38,7 +44,9 @@ __all__ = [
     "image_to_volume",
     "load_xray",
     "read_ct",
+    "read_radiograph",
     "render_drr_pair",
+    "to_detector",
     "volume_to_image",
     "write_nifti",
 ]

@@ -50,14 +50,14 @@ import torchio as tio
 from dataset.dataset_info import FILE_NAME, DatasetInfo
 from dataset.drr import DRRGeometry
 from dataset.intensity import HUWindow
-from dataset.io import atomic_save_torch, check_ct, load_xray, read_ct, write_nifti
 from dataset.cli import OneLineParser, number, run_cli
+from dataset.io import atomic_save_torch, check_ct, read_ct, write_nifti
 from dataset.prepare import (PrepareSummary, _triple_arg, find_cts, read_labels, subject_paths, world_frame_image,
                              world_frame_info, write_prepared_dataset)
 from dataset.preprocess import Preprocessor
+from dataset.radiograph import XRAY_OPS, apply_ops, read_radiograph, read_xray
 from dataset.volume import image_to_volume, volume_to_image
 
-XRAY_OPS = ("transpose", "flip-rows", "flip-cols")
 XRAY_ORIENTATION = ("AP: rows superior->inferior, columns patient right->left; "
                     "LAT: rows superior->inferior, columns anterior->posterior; brighter = more attenuation")
 
@@ -156,10 +156,7 @@ class XrayImport:
 
     def orient(self, xray: torch.Tensor, view: str) -> torch.Tensor:
         """Apply the view's ops to ``(1, H, W)``."""
-        for op in self.ap_ops if view == "AP" else self.lat_ops:
-            xray = {"transpose": lambda x: x.transpose(-1, -2), "flip-rows": lambda x: x.flip(-2),
-                    "flip-cols": lambda x: x.flip(-1)}[op](xray)
-        return xray
+        return apply_ops(xray, self.ap_ops if view == "AP" else self.lat_ops)
 
     def normalise(self, xray: torch.Tensor, source: str) -> torch.Tensor:
         """``(1, H, W)`` -> [0, 1] (then inverted if asked); raises ``ValueError`` naming ``source``."""
@@ -188,8 +185,8 @@ class XrayImport:
 
     def __call__(self, ap_path: Path, lat_path: Path, subject: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Load, orient, check sizes, normalise and resize one pair -> two float32 ``(1, rows, cols)``."""
-        ap = self.orient(load_xray(ap_path), "AP")
-        lat = self.orient(load_xray(lat_path), "LAT")
+        ap = self.orient(read_xray(ap_path), "AP")  # values as stored: normalise() maps them
+        lat = self.orient(read_xray(lat_path), "LAT")
         if ap.shape != lat.shape:
             raise ValueError(f"subject {subject}: AP is {tuple(ap.shape[-2:])} but LAT is {tuple(lat.shape[-2:])} "
                              f"pixels ({ap_path}, {lat_path}); expected both views the same size")
@@ -424,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             sid = (summary.prepared + summary.skipped)[0]
             paths = subject_paths(args.out, sid)
-            save_drr_figure(load_xray(paths["ap"]), load_xray(paths["lat"]), args.preview, title=f"{sid}: {XRAY_ORIENTATION}")
+            save_drr_figure(read_radiograph(paths["ap"]).image, read_radiograph(paths["lat"]).image, args.preview,
+                            title=f"{sid}: {XRAY_ORIENTATION}")
             print(f"preview: {args.preview}")
         return 0
 

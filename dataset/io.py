@@ -250,64 +250,19 @@ def read_ct(path: str | os.PathLike, pt_spacing: tuple[float, float, float] = (1
     return image
 
 
-def _first_line(err: BaseException) -> str:
-    """``Type: first line of the message`` (library errors can span many lines)."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-def _read_xray_array(path: Path) -> torch.Tensor:
-    """Raw pixels of an X-ray file as a float32 ``(H, W)`` / ``(1, H, W)`` tensor (see :func:`load_xray`)."""
-    name = path.name.lower()
-    if name.endswith(".pt"):
-        x = load_torch_file(path, "X-ray tensor file (.pt)")
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{path}: holds a {type(x).__name__}; expected an (H, W) or (1, H, W) tensor")
-        return x.to(torch.float32)
-    if name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff")):
-        from PIL import Image
-
-        with Image.open(path) as img:
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float32) / 65535.0
-            else:
-                arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-        return torch.from_numpy(arr.copy())
-    if name.endswith(NIFTI_SUFFIXES):
-        arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-        arr = arr.reshape([n for n in arr.shape if n != 1] or [1]) if arr.ndim > 2 else arr
-        if arr.ndim != 2:
-            raise ValueError(f"{path}: NIfTI X-ray has shape {arr.shape}; expected a 2-D image")
-        return torch.from_numpy(arr.T.copy())  # NIfTI axis 0 is x (columns): (x, y) -> (rows, cols)
-    raise ValueError(f"{path}: unsupported X-ray file type; expected .pt, .png/.jpg/.tif or 2-D .nii/.nii.gz")
-
-
 def load_xray(path: str | os.PathLike) -> torch.Tensor:
-    """Load one X-ray as float32 ``(1, H, W)``.
+    """Load one X-ray as float32 ``(1, H, W)`` with its values as stored (see :mod:`dataset.radiograph`).
 
-    Formats: ``.pt`` (a tensor ``(H, W)`` or ``(1, H, W)``, values as stored: DRRs written by
-    ``dataset.prepare`` are in [0, 1]); 8-bit or 16-bit grey PNG / JPEG / TIFF (scaled to [0, 1] by the
-    bit depth; colour images are converted to grey); 2-D NIfTI (values as stored; array axis 0 is the
-    image column, axis 1 the row, as ITK-based viewers read it). Rows run top to bottom as stored;
-    see CLAUDE.md for the orientation the models expect.
+    A thin wrapper of the one X-ray reader, ``dataset.radiograph.read_radiograph(path, normalize=False)``:
+    ``.pt`` and 2-D NIfTI values as stored (DRRs written by ``dataset.prepare`` are in [0, 1]),
+    PNG / JPEG / TIFF scaled by their bit depth, DICOM after its Modality LUT (MONOCHROME1 inverted).
+    Generation reads radiographs with ``read_radiograph`` itself, which also orients them by their
+    tags, normalises them to [0, 1] and reports the geometry.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: unreadable or unsupported file, wrong shape, or NaN/Inf pixels.
+        ValueError: unreadable or unsupported file, wrong shape, or NaN/Inf pixels (one line naming the file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; expected an X-ray (.pt, .png or 2-D .nii.gz)")
-    try:
-        x = _read_xray_array(path)
-    except ValueError:
-        raise
-    except Exception as e:  # pickle, PIL and nibabel errors: keep one line that names the file
-        raise ValueError(f"{path}: cannot be read as an X-ray ({_first_line(e)})") from e
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3 or x.shape[0] != 1 or min(x.shape[1:]) < 2:
-        raise ValueError(f"{path}: X-ray has shape {tuple(x.shape)}; expected (H, W) or (1, H, W)")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{path}: X-ray has NaN or Inf pixels")
-    return x
+    from dataset.radiograph import read_xray
+
+    return read_xray(path)

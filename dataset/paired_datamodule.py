@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +17,7 @@ from dataset.drr import DRRGeometry
 from dataset.manifest import Manifest
 from dataset.paired_dataset import PairedDataset
 from dataset.samplers import EpochRandomSampler
+from dataset.radiograph_style import RadiographStyle, StyledXrays
 
 
 class PairedDataModule(L.LightningDataModule):
@@ -39,12 +40,14 @@ class PairedDataModule(L.LightningDataModule):
         cache_rate: fraction (0-1) of each split's items read once in :meth:`setup` and kept in memory
             (MONAI ``CacheDataset``: the first ``int(n * cache_rate)``); workers share them. Each process holds its
             own cache. Cached datasets are built once; later ``setup`` calls keep them.
+        xray_augment: settings of the radiograph-style augmentation of the training split's X-rays
+            (``dataset.RadiographStyle`` fields, ``enabled: false`` or None for none).
     """
 
     def __init__(self, manifest: str | os.PathLike, batch_size: int = 2, num_workers: int = 0,
                  load: Sequence[str] = ("ap", "lat", "latent"), hu_min: float | None = None,
                  hu_max: float | None = None, pin_memory: bool = False, drop_last: bool = False,
-                 cache_rate: float = 0.0) -> None:
+                 cache_rate: float = 0.0, xray_augment: Mapping | None = None) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size={batch_size}, num_workers={num_workers}; expected >= 1 and >= 0")
@@ -56,6 +59,7 @@ class PairedDataModule(L.LightningDataModule):
         self.load, self.pin_memory, self.drop_last = tuple(load), pin_memory, drop_last
         self.window = window_for(self.manifest_path, hu_min, hu_max)
         self.datasets: dict[str, Dataset] = {}
+        self.xray_augment = RadiographStyle.from_config(xray_augment)
 
     def setup(self, stage: str | None = None) -> None:
         """Read and validate the manifest, build one dataset per split (a :class:`PairedDataset`, wrapped in a
@@ -74,6 +78,8 @@ class PairedDataModule(L.LightningDataModule):
             datasets = {s: CacheDataset(list(range(len(d))), Compose([Lambda(d.__getitem__)]), cache_rate=self.cache_rate,
                                         num_workers=max(1, self.num_workers), progress=False)
                         for s, d in datasets.items()}
+        if self.xray_augment is not None:
+            datasets["train"] = StyledXrays(datasets["train"], self.xray_augment)
         self.datasets = datasets
 
     def _geometry(self, manifest: Manifest) -> DRRGeometry | None:

@@ -10,7 +10,8 @@ from torch.utils.data import Dataset
 
 from dataset.drr import DRRGeometry
 from dataset.intensity import HUWindow
-from dataset.io import load_xray, read_ct
+from dataset.io import read_ct
+from dataset.radiograph import read_radiograph
 from dataset.volume import image_to_volume
 
 LOADABLE = ("ap", "lat", "ct", "latent")
@@ -61,7 +62,7 @@ class PairedDataset(Dataset):
         item: dict = {}
         for key in self.load:
             if key in ("ap", "lat"):
-                item[key] = load_xray(row[key])
+                item[key] = read_radiograph(row[key]).image
             elif key == "ct":
                 volume, _ = image_to_volume(read_ct(row[key], check=False))
                 item[key] = self.window.to_unit(volume)

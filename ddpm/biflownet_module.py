@@ -46,6 +46,9 @@ class BiFlowNetModule(L.LightningModule):
         lora: LoRA settings (``ddpm.lora.LoraSettings`` fields) to fine-tune adapters only on top of the
             ``init_from`` weights, which stay frozen; None trains every weight.
         adapter_dir: folder the (EMA) adapter is written to at the end of training (LoRA only).
+        xray_stats: intensity statistics of the training X-rays per view
+            (``dataset.xray_harmonization.IntensityReference.to_dict``), stored so that generation can
+            match radiographs to them; filled by ``train.train_BiFlowNet``.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class BiFlowNetModule(L.LightningModule):
         init_from: str | None = None,
         lora: dict | None = None,
         adapter_dir: str | None = None,
+        xray_stats: dict | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:

@@ -48,8 +48,8 @@ def check_training_inputs(
     Raises:
         FileNotFoundError / ValueError naming the file and what was expected.
     """
-    from dataset.io import load_xray
     from dataset.manifest import Manifest
+    from dataset.radiograph import read_radiograph
 
     m = Manifest.load(manifest, check_files=False)
     regenerate = REGENERATE.format(manifest=m.path)
@@ -74,7 +74,7 @@ def check_training_inputs(
         )
     if xray_size is not None:
         for view in ("ap", "lat"):
-            x = load_xray(row[view])
+            x = read_radiograph(row[view]).image
             if tuple(x.shape[1:]) != tuple(int(s) for s in xray_size):
                 raise ValueError(
                     f"{row[view]}: {view.upper()} X-ray is {tuple(x.shape[1:])}, but network.xray.image_size is "

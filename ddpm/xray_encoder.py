@@ -25,6 +25,9 @@ class XrayEncoder(nn.Module):
         depth: transformer blocks.
         num_heads: attention heads.
         mlp_ratio: MLP width relative to ``dim``.
+        input_norm: ``"none"`` (the [0, 1] image mapped to [-1, 1]) or ``"instance"`` (each image
+            standardised to zero mean and unit variance, then a learned scale and shift: a per-image
+            normalisation that ignores global gain / offset changes of the input).
     """
 
     def __init__(
@@ -35,8 +38,12 @@ class XrayEncoder(nn.Module):
         depth: int = 2,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        input_norm: str = "none",
     ) -> None:
         super().__init__()
+        if input_norm not in ("none", "instance"):
+            raise ValueError(f"input_norm={input_norm!r} is invalid; expected 'none' or 'instance'")
+        self.input_norm = nn.GroupNorm(1, 1, eps=1e-4) if input_norm == "instance" else None
         image_size = (int(image_size[0]), int(image_size[1]))
         if image_size[0] % patch_size or image_size[1] % patch_size:
             raise ValueError(f"X-ray size {image_size} is not divisible by patch_size={patch_size}")
@@ -93,7 +100,8 @@ class XrayEncoder(nn.Module):
             raise ValueError(f"AP batch {ap.shape[0]} != LAT batch {lat.shape[0]}")
         views = []
         for i, img in enumerate((ap, lat)):
-            tok = rearrange(self.patch_embed(img * 2 - 1), "b c h w -> b (h w) c")  # [0,1] -> [-1,1]
+            img = self.input_norm(img) if self.input_norm is not None else img * 2 - 1  # [0,1] -> [-1,1]
+            tok = rearrange(self.patch_embed(img), "b c h w -> b (h w) c")
             views.append(tok + self.pos_embed + self.view_embed[i])
         x = torch.cat(views, dim=1)  # (B, 2*h*w, dim)
         for block in self.blocks:

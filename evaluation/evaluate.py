@@ -46,12 +46,12 @@ from dataset import (
     HUWindow,
     Manifest,
     image_to_volume,
-    load_xray,
     read_ct,
     render_drr_pair,
 )
 from dataset.cli import OneLineParser, number, run_cli
 from dataset.io import atomic_write, atomic_write_json, atomic_write_text
+from dataset.radiograph import read_radiograph
 from evaluation import metrics
 from evaluation.figures import mpr_figure
 
@@ -314,7 +314,7 @@ def evaluate_pairs(
         row.update(metrics.volume_metrics(pred, ref, window, name=f"{case}"))
         ap = lat = None
         if pair.ap is not None and pair.lat is not None:
-            ap, lat = load_xray(pair.ap), load_xray(pair.lat)
+            ap, lat = read_radiograph(pair.ap).image, read_radiograph(pair.lat).image
         if with_drr:
             render = partial(render_drr_pair, spacing_dhw=ref_spacing, geometry=pair.geometry or geometry, window=window)
             row.update(metrics.reprojection_metrics(pred, ap, lat, render, name=case))

@@ -9,8 +9,12 @@ Batch over a manifest split (one ``<subject_id>.nii.gz`` per subject)::
     python -m evaluation.generate_ct --checkpoint biflownet.ckpt --manifest data/manifest.csv --split test \
         --output-dir generated/
 
-X-rays may be ``.pt`` tensors, PNG or 2-D NIfTI, normalised to [0, 1] in the training orientation
-(see CLAUDE.md). With ``--num-samples K > 1`` the output is the mean of K samples, written beside
+X-rays may be DICOM (CR / DX / ...), PNG / JPEG / TIFF, 2-D NIfTI or ``.pt``: each is read into the
+display convention (DICOM tags, ``--ap-ops`` / ``--lat-ops``), mapped onto the model's detector in
+millimetres (``--pixel-spacing`` / ``--sdd`` / ``--sid`` for files without tags) and matched to the
+training X-ray intensity (``--harmonize auto``); the steps are printed and written to ``<name>.json``
+beside each output. ``--preview PNG`` draws the pair as the model receives it (alone, without
+``--output`` / ``--output-dir``, it samples nothing). With ``--num-samples K > 1`` the output is the mean of K samples, written beside
 ``<name>_std.nii.gz`` (per-voxel standard deviation in HU: the model's uncertainty) and each sample
 ``<name>_sample<k>.nii.gz``. Existing outputs are refused unless ``--overwrite``; every file is written
 atomically and all output paths are checked before any sampling starts.
@@ -26,9 +30,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataset import Manifest, load_xray, write_nifti
+from dataset import Manifest, write_nifti
 from dataset.cli import OneLineParser, number, run_cli
 from evaluation.generation import SAMPLERS, CTGenerator
+from evaluation.xray_inputs import (XrayOptions, add_xray_arguments, check_side_outputs, intensity_reference,
+                                    manifest_geometries, prepare_pair, sample_kwargs, save_preview, sidecar,
+                                    training_geometry, write_sidecar)
 
 PROG = "python -m evaluation.generate_ct"
 
@@ -124,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``evaluation.generate_ct`` argument parser."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     add_model_arguments(p)
-    p.add_argument("--ap", type=Path, help="AP X-ray (.pt, .png or 2-D .nii[.gz]) in [0, 1]")
-    p.add_argument("--lat", type=Path, help="lateral X-ray, same size as --ap")
+    p.add_argument("--ap", type=Path, help="AP (or PA) X-ray: DICOM, .png/.jpg/.tif, 2-D .nii[.gz] or .pt")
+    p.add_argument("--lat", type=Path, help="lateral X-ray, same formats")
     p.add_argument("--output", type=Path, help="output NIfTI (HU) for one pair")
     p.add_argument("--manifest", type=Path, help="batch mode: a prepared manifest.csv")
     p.add_argument("--split", default="test", help="batch mode: manifest split (default test)")
@@ -135,52 +142,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", "--num_samples", type=number(int, min=1), default=1)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true")
+    add_xray_arguments(p)
     return p
 
 
-def _jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path, int | None, Path]]:
-    """(name, ap, lat, label, output) for every generation the arguments ask for."""
+def _jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path, int | None, Path | None]]:
+    """(name, ap, lat, label, output) for every generation the arguments ask for (output None: preview only)."""
     single = any(v is not None for v in (args.ap, args.lat, args.output))
     if single == (args.manifest is not None):
         raise ValueError("give either --ap/--lat/--output (one pair) or --manifest/--output-dir (batch), not both")
     if single:
-        missing = [f"--{n}" for n in ("ap", "lat", "output") if getattr(args, n) is None]
+        missing = [f"--{n}" for n in ("ap", "lat", "output") if getattr(args, n) is None
+                   and not (n == "output" and args.preview is not None)]
         if missing:
             raise ValueError(f"one-pair mode needs {', '.join(missing)}")
-        return [(args.output.name, args.ap, args.lat, args.label, args.output)]
-    if args.output_dir is None:
+        return [(args.output.name if args.output else args.ap.name, args.ap, args.lat, args.label, args.output)]
+    if args.output_dir is None and args.preview is None:
         raise ValueError("batch mode needs --output-dir")
     frame = Manifest.load(args.manifest).split(args.split)
     if len(frame) == 0:
         raise ValueError(f"{args.manifest}: split {args.split!r} has no subjects")
     return [(r.subject_id, Path(r.ap), Path(r.lat), int(r.label) if args.label is None else args.label,
-             args.output_dir / f"{r.subject_id}.nii.gz") for r in frame.itertuples()]
+             args.output_dir / f"{r.subject_id}.nii.gz" if args.output_dir is not None else None)
+            for r in frame.itertuples()]
 
 
 def generate(args: argparse.Namespace) -> None:
     """Check every input and output, then sample and write each job (see the module docstring)."""
     jobs = _jobs(args)
-    check_outputs([p for *_, out in jobs for p in output_paths(out, args.num_samples).values()], args.overwrite)
+    options = XrayOptions.from_args(args)
+    outputs = [p for *_, out in jobs if out is not None for p in output_paths(out, args.num_samples).values()]
+    check_outputs(outputs, args.overwrite)
+    check_side_outputs([sidecar(out) for *_, out in jobs if out is not None], args.preview, args.overwrite)
     gen = load_generator(args)
     check_options(gen, args.checkpoint, args.label, args.guidance_scale, xrays=True)
+    known = manifest_geometries(args.manifest, Manifest.load(args.manifest).split(args.split)) \
+        if args.manifest is not None else {}
+    geometry, reference = training_geometry(gen.biflownet), intensity_reference(gen.biflownet)
     # read and check every input before the first (slow) sample
     inputs = []
     for name, ap_path, lat_path, label, out in jobs:
-        ap, lat = load_xray(ap_path), load_xray(lat_path)
-        if tuple(ap.shape) != tuple(lat.shape):
-            raise ValueError(f"{name}: AP {ap_path} is {tuple(ap.shape[1:])} but LAT {lat_path} is "
-                             f"{tuple(lat.shape[1:])}; expected a pair of the same size")
-        gen.check_xrays(ap, lat, name=f"{name} ({ap_path}, {lat_path})")
+        pair = prepare_pair(ap_path, lat_path, gen.biflownet.conditioning["xray_size"], geometry, reference,
+                            options, known.get(name))
+        gen.check_xrays(pair.ap.image, pair.lat.image, name=f"{name} ({ap_path}, {lat_path})")
         if gen.num_classes > 0 and label is None:
             raise ValueError(f"{args.checkpoint} is class-conditional ({gen.num_classes} classes): pass --label L")
-        inputs.append((name, ap, lat, label if gen.num_classes > 0 else None, out))
+        print("\n".join(f"{name}: {step}" for step in pair.steps))
+        inputs.append((name, pair, label if gen.num_classes > 0 else None, out))
+        if args.preview is not None and len(inputs) == 1:
+            save_preview(args.preview, pair, reference, title=f"{name}: the X-rays as the model receives them")
+            print(f"{name}: preview {args.preview}")
+        if out is None:
+            break  # preview only: nothing else to read
     generator = torch.Generator().manual_seed(args.seed)
-    for name, ap, lat, label, out in tqdm(inputs, desc="generate", disable=args.no_progress or len(inputs) == 1):
-        volumes = gen.sample(ap, lat, label, args.num_samples, args.sampler, args.num_inference_steps,
-                             args.guidance_scale, generator)
+    todo = [job for job in inputs if job[3] is not None]
+    for name, pair, label, out in tqdm(todo, desc="generate", disable=args.no_progress or len(todo) <= 1):
+        volumes = gen.sample(pair.ap.image, pair.lat.image, label, args.num_samples, args.sampler,
+                             args.num_inference_steps, args.guidance_scale, generator, **sample_kwargs(gen, pair))
         paths = write_generation(gen, volumes, out)
+        write_sidecar(out, pair, {"checkpoint": str(args.checkpoint), "seed": args.seed,
+                                  "num_samples": args.num_samples})
         print(f"{name}: wrote {paths['mean']}" + (f" (+ std and {args.num_samples} samples)"
-                                                  if args.num_samples > 1 else ""))
+                                                  if args.num_samples > 1 else "") + f", steps in {sidecar(out)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from dataset.cli import hydra_entry, hydra_task, quiet_libraries
 from dataset.latents import check_latent_origin
 from dataset.manifest import Manifest
 from ddpm.loading import read_network_config
+from dataset.xray_harmonization import IntensityReference
 from ddpm.preflight import check_training_inputs, read_latent_stats
 from train.common import (ProgressReport, RunState, build_trainer, check_resume, configure_threads, data_identity,
                           instantiate, instantiate_group, resolve_ckpt_path, save_run_config)
@@ -95,9 +96,10 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
                      {"network": OmegaConf.to_container(net, resolve=True),
                       "lora": OmegaConf.to_container(lora, resolve=True) if lora is not None else None},
                      cfg.run_name)
+    xray_stats = IntensityReference.from_manifest(cfg.data.manifest).to_dict() if xray_size is not None else None
 
     datamodule = instantiate(cfg.data, batch_size=batch)
-    module = instantiate(cfg.module, latent_stats=stats.to_dict() if stats else None)
+    module = instantiate(cfg.module, latent_stats=stats.to_dict() if stats else None, xray_stats=xray_stats)
     trainable, total = module.trainable_counts()
     if module.lora_settings is not None:
         from ddpm.lora import describe_counts

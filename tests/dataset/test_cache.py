@@ -69,7 +69,7 @@ def test_ct_cache_rate_caches_a_fraction_and_keeps_the_data(tiny_prepared_datase
 def test_paired_datamodule_cache_reads_each_file_once(tiny_prepared_dataset: Path, monkeypatch: pytest.MonkeyPatch,
                                                       cache_rate: float) -> None:
     reads: Counter = Counter()
-    for name in ("load_xray", "read_ct"):
+    for name in ("read_radiograph", "read_ct"):
         original = getattr(paired_dataset, name)
 
         def counting(path, *args, _original=original, **kwargs):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from AutoEncoder import PatchVolumeModule
-from dataset import DatasetInfo, Manifest
+from dataset import DatasetInfo, IntensityReference, Manifest
 from ddpm import BiFlowNetModule
 from evaluation import class_conditional_generation, generate_ct
 from evaluation.generation import CTGenerator
@@ -54,10 +54,12 @@ def checkpoints(tiny_prepared_dataset: Path, tmp_path_factory: pytest.TempPathFa
     ae_path = save_module(ae, root / "ae.ckpt")
     stats = {"mean": 0.0, "std": 1.0, "ae_checkpoint": str(ae_path)}
     paths = {"ae": ae_path}
+    xray_stats = IntensityReference.from_manifest(tiny_prepared_dataset).to_dict()
     for name, net in {"xray": network(), "class": network(xray=None, cross_attention="none",
                                                            back_projection=False, num_classes=2)}.items():
         module = BiFlowNetModule(net, PROCESS, latent_stats=stats,
-                                 dataset_json=str(tiny_prepared_dataset.parent / "dataset.json"))
+                                 dataset_json=str(tiny_prepared_dataset.parent / "dataset.json"),
+                                 xray_stats=xray_stats if net["xray"] else None)
         module.setup("fit")  # cone-beam grids from dataset.json
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # random weights: the zero-initialised conditioning paths become active
@@ -130,7 +132,9 @@ def test_batch_mode_over_manifest_split(checkpoints, tiny_prepared_dataset, tmp_
                                       "--no-progress"], capsys)
     assert code == 0, err
     ids = list(Manifest.load(tiny_prepared_dataset).split("test").subject_id)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.nii.gz" for i in ids)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.nii.gz" for i in ids] + [f"{i}.json" for i in ids])
+    side = json.loads((out / f"{ids[0]}.json").read_text())  # the prepared dataset's geometry was used
+    assert any("geometry of the prepared dataset" in step for step in side["steps"])
 
 
 def test_existing_output_refused_unless_overwrite(checkpoints, pair, tmp_path, capsys):
@@ -149,34 +153,55 @@ def bad_xray(tmp_path: Path, kind: str) -> Path:
     path = tmp_path / f"{kind}.pt"
     if kind == "small":
         torch.save(torch.rand(1, 16, 16), path)
+    elif kind == "stack":
+        torch.save(torch.rand(2, 32, 32), path)
     elif kind == "nan":
         x = torch.rand(1, 32, 32)
         x[0, 3, 3] = float("nan")
         torch.save(x, path)
-    elif kind == "range":
-        torch.save(torch.rand(1, 32, 32) * 255, path)
     elif kind == "corrupt":
         path.write_bytes(b"not a tensor")
+    elif kind != "missing":
+        from tests.dataset.test_radiograph import bad_dicom
+
+        return bad_dicom(tmp_path, kind)
     return path
 
 
-@pytest.mark.parametrize("kind,message", [("small", "expected a pair of the same size"), ("nan", "NaN"), ("range", "[0, 1]"),
-                                          ("corrupt", "expected an X-ray tensor file"), ("missing", "no such file")])
+@pytest.mark.parametrize("kind,message", [
+    ("stack", "expected (H, W) or (1, H, W)"), ("nan", "NaN"), ("corrupt", "not a checkpoint or torch file"),
+    ("missing", "no such file"), ("colour", "is a colour DICOM image"), ("multiframe", "is a multi-frame DICOM"),
+    ("nonimage", "is a non-image DICOM object"), ("nopixels", "has no pixel data"), ("ct", "is a CT slice"),
+    ("spacing0", "Imager Pixel Spacing [0.0, 0.1] is invalid"), ("spacingnan", "Imager Pixel Spacing [nan, 0.1] is invalid")])
 def test_bad_xray_is_one_clear_error_and_nothing_written(kind, message, checkpoints, pair, tmp_path, capsys):
     ap, _, _ = pair
     out = tmp_path / "ct.nii.gz"
+    preview = tmp_path / "preview.png"
     code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", bad_xray(tmp_path, kind),
-                                      "--output", out], capsys)
+                                      "--output", out, "--preview", preview], capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    assert not out.exists() and not preview.exists() and not (tmp_path / "ct.json").exists()
 
 
-def test_xrays_of_untrained_size_are_refused(checkpoints, tmp_path, capsys):
+@pytest.mark.parametrize("spacing", ["0", "nan", "-1"])
+def test_bad_pixel_spacing_option_is_refused(spacing, checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat,
+                              "--output", tmp_path / "ct.nii.gz", "--pixel-spacing", spacing], capsys)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--pixel-spacing" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_xrays_of_another_size_are_fitted_with_a_warning(checkpoints, tmp_path, capsys):
     small = bad_xray(tmp_path, "small")
-    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", small, "--lat", small,
-                                      "--output", tmp_path / "ct.nii.gz"], capsys)
-    assert code == 2 and "(16, 16) pixels; the model was trained on (32, 32)" in err
+    code = generate_ct.main([str(a) for a in ["--checkpoint", checkpoints["xray"], "--ap", small, "--lat", small,
+                                              "--output", tmp_path / "ct.nii.gz", "--num-inference-steps", 1]])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "AP: warning: no pixel spacing: fitted 16 x 16 pixels into the 32 x 32 detector" in out
 
 
 def test_autoencoder_checkpoint_as_model_is_refused(checkpoints, pair, tmp_path, capsys):

@@ -95,6 +95,12 @@ def test_run_trains_writes_checkpoint_and_resumes(latent_dataset: Path, tmp_path
     info = DatasetInfo.load(latent_dataset)
     assert first.geometry == info.geometry and first.model.xray.latent_spacing == (32.0, 32.0, 32.0)
     torch.testing.assert_close(first.model.xray.grid_ap, info.geometry.sample_grid("AP", (8, 8, 8), (32.0,) * 3))
+    # the training X-rays' intensity statistics travel with the checkpoint (generate_ct --harmonize auto)
+    from dataset import IntensityReference
+
+    stats = IntensityReference.from_dict(first.hparams["xray_stats"])
+    assert stats == IntensityReference.from_manifest(latent_dataset / "manifest.csv")
+    assert _compose(_overrides(latent_dataset, tmp_path, steps=2)).data.xray_augment.enabled  # on by default
     out2 = run(_compose(_overrides(latent_dataset, tmp_path, steps=4)))  # ckpt_path=last -> resume
     assert out2["global_step"] == 4
     second = torch.load(out2["last_checkpoint"], weights_only=True)
