@@ -27,7 +27,10 @@ import torch
 from tqdm import tqdm
 
 from dataset import Manifest, load_xray, write_nifti
+from dataset.cli import number
+from dataset.drr import RENDERERS
 from evaluation.generation import SAMPLERS, CTGenerator
+from evaluation.projection_guidance import DEFAULT_GUIDANCE, GuidanceSettings
 
 
 def output_paths(output: Path, num_samples: int) -> dict[str, Path]:
@@ -83,6 +86,32 @@ def load_generator(args: argparse.Namespace) -> CTGenerator:
                                         bf16=False if args.fp32 else None, adapter=args.adapter)
 
 
+def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
+    """Projection-consistency guidance options (read by :func:`guidance_settings`)."""
+    d = DEFAULT_GUIDANCE
+    p.add_argument("--projection-guidance", type=number(float, 0.0, 1.0), default=d.weight, metavar="W",
+                   help=f"weight in [0, 1] of the guidance towards the input X-rays: the fraction of the DRR "
+                        f"mismatch each guided step removes (0 = off; default {d.weight:g})")
+    p.add_argument("--guidance-steps", type=number(int, 1), default=d.steps, metavar="N",
+                   help=f"number of guided denoising steps (default {d.steps}); each costs one decoder backward pass")
+    p.add_argument("--guidance-start", type=number(float, 0.0, 1.0), default=d.start, metavar="F",
+                   help=f"spread the guided steps from this fraction of the trajectory to its end (default {d.start:g})")
+    p.add_argument("--guidance-renderer", choices=RENDERERS, default=d.renderer,
+                   help=f"DRR integrator of the guidance (default {d.renderer}; evaluation always uses siddon)")
+    p.add_argument("--refine-steps", type=number(int, 0), default=d.refine_steps, metavar="N",
+                   help=f"final voxel-space refinement steps on the DRR mismatch (default {d.refine_steps})")
+    p.add_argument("--refine-prior", type=number(float, 0.0), default=d.refine_prior, metavar="L",
+                   help=f"weight of the refinement's stay-near-the-generated-CT term (default {d.refine_prior:g})")
+
+
+def guidance_settings(args: argparse.Namespace) -> GuidanceSettings:
+    """The :class:`GuidanceSettings` that :func:`add_guidance_arguments`' options describe."""
+    return GuidanceSettings(weight=args.projection_guidance, steps=args.guidance_steps, start=args.guidance_start,
+                            refine_steps=args.refine_steps, refine_prior=args.refine_prior,
+                            renderer=args.guidance_renderer, quantize=DEFAULT_GUIDANCE.quantize,
+                            refine_lr=DEFAULT_GUIDANCE.refine_lr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``evaluation.generate_ct`` argument parser."""
     from dataset.prepare import OneLineParser
@@ -97,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, help="batch mode: folder for <subject_id>.nii.gz")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     p.add_argument("--num-samples", "--num_samples", type=int, default=1)
+    add_guidance_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -143,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 gen.check_xrays(ap, lat, name=f"{name} ({ap_path}, {lat_path})")
             inputs.append((name, ap, lat, label, out))
         generator = torch.Generator().manual_seed(args.seed)
+        guidance = guidance_settings(args)
         for name, ap, lat, label, out in tqdm(inputs, desc="generate", disable=args.no_progress or len(inputs) == 1):
             volumes = gen.sample(ap, lat, label, args.num_samples, args.sampler, args.num_inference_steps,
-                                 args.guidance_scale, generator)
+                                 args.guidance_scale, generator, projection_guidance=guidance)
             paths = write_generation(gen, volumes, out)
             print(f"{name}: wrote {paths['mean']}" + (f" (+ std and {args.num_samples} samples)"
                                                       if args.num_samples > 1 else ""))
