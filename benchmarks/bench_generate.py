@@ -1,10 +1,14 @@
-"""Latency and peak memory of generating one CT volume from an X-ray pair (sampling + decoding).
+"""Latency and peak memory of generating one CT volume from an X-ray pair (sampling + decoding), without and
+with projection-consistency guidance, side by side in one run.
 
     python -m benchmarks.bench_generate --size 64 --ae-preset tiny --network tiny --steps 25
     python -m benchmarks.bench_generate --size 256 --ae-preset patchvolume_8x --network base --steps 50 --device cuda
 
 Networks have random weights (latency does not depend on them); shapes follow the presets with the
-latent grid set by ``--size`` and the autoencoder's downsampling. Prints one JSON object.
+latent grid set by ``--size`` and the autoencoder's downsampling. The guidance options are
+``generate_ct``'s (default: its default guidance); the guided run renders with a geometry fitted to the
+volume. Prints one JSON object: ``seconds_per_volume`` (unguided), ``seconds_per_volume_guided``,
+``guidance_seconds_per_volume`` (the difference) and ``guidance_cost_ratio`` (guided / unguided).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from omegaconf import OmegaConf
 
 from AutoEncoder import PatchVolumeAutoencoder
 from benchmarks.common import environment, measure
-from dataset import HUWindow
+from dataset import DRRGeometry, HUWindow
 from dataset.cli import OneLineParser, number, run_cli
 from ddpm import BiFlowNet, Diffusion, LoadedBiFlowNet, parallel_projection_grids
+from evaluation.generate_ct import add_guidance_arguments, guidance_settings
 from evaluation.generation import SAMPLERS, CTGenerator
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default bf16 on CUDA")
     p.add_argument("--repeats", type=number(int, min=1), default=2)
     p.add_argument("--threads", type=number(int, min=0), default=0, help="CPU threads (0: torch default)")
+    add_guidance_arguments(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,13 +80,25 @@ def main(argv: list[str] | None = None) -> dict:
     xray_size = args.xray_size or args.size
     gen = build(args.size, args.ae_preset, args.network, xray_size, args.sampler, device, bf16)
     ap = torch.rand(1, xray_size, xray_size)
-    g = torch.Generator().manual_seed(0)
-    result = measure(lambda: gen.sample(ap, ap, None, args.num_samples, args.sampler, args.steps,
-                                        args.guidance_scale, g), device, args.repeats)
+    geometry = DRRGeometry.fit((args.size,) * 3, gen.spacing, xray_size)
+    settings = guidance_settings(args)
+
+    def run(guidance) -> dict:
+        g = torch.Generator().manual_seed(0)
+        return measure(lambda: gen.sample(ap, ap, None, args.num_samples, args.sampler, args.steps,
+                                          args.guidance_scale, g, projection_guidance=guidance, geometry=geometry),
+                       device, args.repeats)
+
+    result = run(0.0)
+    guided = run(settings) if settings.active else result
+    per_volume, per_volume_guided = result["time_s"] / args.num_samples, guided["time_s"] / args.num_samples
     record = {"benchmark": "generate", **vars(args), "precision": "bf16" if bf16 else "fp32",
               "latent_shape": gen.biflownet.conditioning["latent_shape"],
               "latent_channels": gen.biflownet.conditioning["latent_channels"],
-              "seconds_per_volume": result["time_s"] / args.num_samples, **result, **environment(device)}
+              "seconds_per_volume": per_volume, "seconds_per_volume_guided": per_volume_guided,
+              "guidance_seconds_per_volume": per_volume_guided - per_volume,
+              "guidance_cost_ratio": per_volume_guided / per_volume, **result,
+              "guided": {k: v for k, v in guided.items()}, **environment(device)}
     print(json.dumps(record))
     return record
 

@@ -428,26 +428,55 @@ def attenuation(volume_unit: torch.Tensor, window: HUWindow) -> torch.Tensor:
     return (1.0 + window.to_hu(volume_unit) / 1000.0).clamp_min(0.0)
 
 
+#: DRR ray integrators: ``"siddon"`` (exact voxel intersections, nearest voxel: the data's renderer and the
+#: evaluation metric's) and ``"trilinear"`` (evenly spaced trilinear samples along each ray: smoother
+#: gradients, a stand-in for guidance; see ``benchmarks/RESULTS.md``).
+RENDERERS = ("siddon", "trilinear")
+
+
+def _box_entry_exit(src: torch.Tensor, tgt: torch.Tensor, dims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest entry and largest exit ray parameter (0 = source, 1 = detector) over all rays through the voxel box.
+
+    ``src`` ``(1, 1, 3)`` and ``tgt`` ``(1, N, 3)`` in voxel index space (voxel centres at integers).
+    """
+    direction = tgt - src
+    safe = torch.where(direction.abs() < 1e-9, torch.full_like(direction, 1e-9), direction)
+    a0, a1 = (-0.5 - src) / safe, (dims - 0.5 - src) / safe
+    entry = torch.minimum(a0, a1).amax(-1).clamp(0, 1)
+    exit_ = torch.maximum(a0, a1).amin(-1).clamp(0, 1)
+    hits = exit_ > entry
+    if not bool(hits.any()):
+        return entry.new_tensor(0.0), entry.new_tensor(1.0)
+    return entry[hits].min(), exit_[hits].max()
+
+
 def _render_view(mu: torch.Tensor, spacing_dhw: tuple[float, float, float], geometry: DRRGeometry, view: str,
-                 renderer: torch.nn.Module, max_elements: int) -> torch.Tensor:
+                 renderer: torch.nn.Module, max_elements: int, trilinear_points: int = 0) -> torch.Tensor:
     """One view of one attenuation volume ``(D, H, W)`` -> ``(rows, cols)`` water-equivalent mm."""
     dims = torch.tensor(mu.shape, dtype=torch.float64)
     spacing = torch.tensor(spacing_dhw, dtype=torch.float64)
     source, target = geometry.rays(view)
     source, target = source[None, None], target[None]  # (1, 1, 3), (1, N, 3) mm
     length = (target - source).norm(dim=-1)[:, None]  # (1, 1, N) ray length, mm
-    # diffdrr's Siddon works in voxel index space with voxel centres at integer coordinates
+    # diffdrr's renderers work in voxel index space with voxel centres at integer coordinates
     to_index = lambda p: (p / spacing + (dims - 1) / 2).to(mu)  # noqa: E731
     src, tgt, length = to_index(source), to_index(target), length.to(mu)
-    step = max(1, max_elements // int(dims.sum() + 3))
-    parts = [renderer(mu, src, tgt[:, i:i + step], length[..., i:i + step]) for i in range(0, tgt.shape[1], step)]
+    kwargs: dict = {}
+    if trilinear_points:
+        # one sampling range for every ray, so chunking does not change the result
+        lo, hi = _box_entry_exit(src.double(), tgt.double(), dims)
+        kwargs = {"n_points": trilinear_points, "alphamin": lo.to(mu), "alphamax": hi.to(mu)}
+    samples_per_ray = trilinear_points or int(dims.sum() + 3)
+    step = max(1, max_elements // samples_per_ray)
+    parts = [renderer(mu, src, tgt[:, i:i + step], length[..., i:i + step], **kwargs)
+             for i in range(0, tgt.shape[1], step)]
     rows, cols = geometry.view(view).detector_size
     return rearrange(torch.cat(parts, dim=-1), "1 1 (r c) -> r c", r=rows, c=cols)
 
 
 def render_drr_pair(volume_unit: torch.Tensor, spacing_dhw: tuple[float, float, float],
                     geometry: DRRGeometry | list[DRRGeometry], window: HUWindow = HUWindow(),
-                    max_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_elements: int = 1 << 22, renderer: str = "siddon") -> tuple[torch.Tensor, torch.Tensor]:
     """Render the AP and lateral DRRs of one or a batch of volumes.
 
     Args:
@@ -456,14 +485,18 @@ def render_drr_pair(volume_unit: torch.Tensor, spacing_dhw: tuple[float, float, 
         geometry: the pair geometry, or one per volume of a batch (all with the same detector sizes).
         window: the HU window the volume was normalised with.
         max_elements: ray-sample budget per chunk (memory knob; results do not depend on it).
+        renderer: one of :data:`RENDERERS`: ``"siddon"`` (default; how the data's DRRs are made) or
+            ``"trilinear"`` (two trilinear samples per voxel of the longest volume edge along each ray).
 
     Returns:
         ``(ap, lat)``, each float32 ``(1, rows, cols)`` or ``(B, 1, rows, cols)`` in [0, 1]
         (orientation and normalisation in the module docstring), on the volume's device.
         Differentiable w.r.t. the volume.
     """
-    from diffdrr.renderers import Siddon  # only this module touches diffdrr
+    from diffdrr.renderers import Siddon, Trilinear  # only this module touches diffdrr
 
+    if renderer not in RENDERERS:
+        raise ValueError(f"renderer={renderer!r} is invalid; expected one of {RENDERERS}")
     if volume_unit.ndim not in (4, 5) or volume_unit.shape[-4] != 1:
         raise ValueError(f"volume has shape {tuple(volume_unit.shape)}; expected (1, D, H, W) or (B, 1, D, H, W)")
     batched = volume_unit.ndim == 5
@@ -471,11 +504,12 @@ def render_drr_pair(volume_unit: torch.Tensor, spacing_dhw: tuple[float, float, 
     geometries = list(geometry) if isinstance(geometry, (list, tuple)) else [geometry] * vols.shape[0]
     if len(geometries) != vols.shape[0]:
         raise ValueError(f"{len(geometries)} geometries for a batch of {vols.shape[0]} volumes; expected one each")
-    renderer = Siddon(voxel_shift=0.5)
+    trilinear_points = 2 * max(vols.shape[-3:]) if renderer == "trilinear" else 0
+    ray_tracer = Trilinear(voxel_shift=0.5) if trilinear_points else Siddon(voxel_shift=0.5)
     mu = attenuation(vols.to(torch.float32), window)
     views = []
     for view in VIEWS:
-        paths = torch.stack([_render_view(m[0], spacing_dhw, g, view, renderer, max_elements)
+        paths = torch.stack([_render_view(m[0], spacing_dhw, g, view, ray_tracer, max_elements, trilinear_points)
                              for m, g in zip(mu, geometries)])  # (B, rows, cols)
         wet = torch.tensor([g.wet_scale_mm for g in geometries], dtype=paths.dtype, device=paths.device)
         views.append((1.0 - torch.exp(-paths / wet[:, None, None]))[:, None])  # (B, 1, rows, cols)

@@ -2,7 +2,8 @@
 
 Noise schedules and update rules come from ``monai.networks.schedulers`` (DDPM, DDIM, rectified
 flow); this module adds what they leave open: the training target by name (eps | v | x0), the loss,
-x0 recovery, a sampling loop that takes a ``torch.Generator``, and classifier-free guidance. The
+x0 recovery, a sampling loop that takes a ``torch.Generator`` (with an optional hook that corrects the
+clean-latent estimate at each step, e.g. measurement guidance), and classifier-free guidance. The
 network is passed in as a function ``model_fn(x_t, t) -> prediction``.
 """
 
@@ -15,6 +16,8 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from torch import nn
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``hook(i, t, x0) -> corrected x0 or None``: step index, (B,) timesteps, (B, C, D, H, W) fp32 estimate.
+X0Hook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 _MONAI_TARGET = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 PROCESSES = ("ddpm", "rflow")
@@ -130,6 +133,19 @@ class Diffusion:
                 return (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
             return ab.sqrt() * x_t - (1 - ab).sqrt() * pred
 
+    def implied_noise(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The noise that, added to ``x0`` at ``t``, gives ``x_t`` (inverse of :meth:`add_noise` in the noise; fp32).
+
+        Where ``t`` carries no noise (rectified flow at t = 0) the noise is undetermined and returned as zero.
+        """
+        with torch.autocast(device_type=x_t.device.type, enabled=False):
+            x_t, x0 = x_t.float(), x0.float()
+            if self.process == "ddpm":
+                ab = self._alpha_bar(t, x_t)
+                return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+            s = _bcast(t.float() / self.num_train_timesteps, x_t)  # noise fraction of x_t (MONAI convention)
+            return torch.where(s > 0, (x_t - (1 - s) * x0) / s.clamp_min(1e-12), torch.zeros_like(x_t))
+
     def training_loss(
         self,
         model_fn: ModelFn,
@@ -176,6 +192,7 @@ class Diffusion:
         generator: torch.Generator | None = None,
         num_inference_steps: int | None = None,
         sampler: str | None = None,
+        x0_hook: X0Hook | None = None,
     ) -> torch.Tensor:
         """Run the reverse process from pure noise.
 
@@ -185,6 +202,11 @@ class Diffusion:
             generator: RNG for stochastic samplers (DDPM, DDIM with eta > 0), on the noise's device.
             num_inference_steps: defaults to the configured value.
             sampler: defaults to the configured sampler.
+            x0_hook: optional ``hook(i, t, x0)`` called at every step ``i`` with the clean-latent estimate;
+                when it returns a corrected ``x0'``, the step continues from ``x0'`` with the same implied
+                noise (``x_t`` moves to ``add_noise(x0', noise, t)`` and the prediction is re-derived), so
+                every sampler takes the correction in its own update rule (manifold-preserving guidance).
+                It runs with gradients disabled; a hook that needs them enables them itself.
 
         Returns:
             (B, C, D, H, W) fp32 sample (normalised latent space).
@@ -199,6 +221,8 @@ class Diffusion:
         for i, t in enumerate(timesteps):
             t_batch = torch.full((b,), int(t), device=x.device, dtype=torch.long)
             pred = model_fn(x, t_batch).float()
+            if x0_hook is not None:
+                x, pred = self._apply_x0_hook(x0_hook, i, x, t_batch, pred)
             if isinstance(sched, RFlowScheduler):
                 nxt = int(timesteps[i + 1]) if i + 1 < len(timesteps) else 0
                 x, _ = sched.step(pred, int(t), x, nxt)
@@ -206,6 +230,19 @@ class Diffusion:
                 eta = 1.0 if sampler == "ddpm" else self.eta  # ancestral sampling: the full posterior noise
                 x, _ = sched.step(pred, int(t), x, eta=eta, generator=generator)
         return x
+
+    def _apply_x0_hook(self, hook: X0Hook, i: int, x: torch.Tensor, t: torch.Tensor,
+                       pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, prediction)`` after the hook's correction of the x0 estimate (unchanged when it returns None)."""
+        x0 = self.predict_x0(x, t, pred)
+        corrected = hook(i, t, x0)
+        if corrected is None:
+            return x, pred
+        if corrected.shape != x0.shape:
+            raise ValueError(f"x0 hook returned shape {tuple(corrected.shape)}; expected {tuple(x0.shape)}")
+        noise = self.implied_noise(x, t, x0)
+        corrected = corrected.float()
+        return self.add_noise(corrected, noise, t), self.training_target(corrected, noise, t)
 
 
 def guided(
@@ -242,4 +279,4 @@ def guided(
     return fn
 
 
-__all__ = ["Diffusion", "PROCESSES", "SAMPLERS", "guided"]
+__all__ = ["Diffusion", "PROCESSES", "SAMPLERS", "X0Hook", "guided"]

@@ -5,14 +5,16 @@
 3. ``train.generate_training_latent``: every CT to its latent, plus the latent statistics.
 4. ``train.train_BiFlowNet`` (``experiment=demo_biflownet``): the X-ray-conditioned denoiser.
 5. ``evaluation.generate_ct`` path: a CT for every held-out test subject from its X-ray pair
-   (mean of K samples, with a per-voxel standard deviation as uncertainty).
-6. ``evaluation.evaluate`` path: PSNR / SSIM / MAE of the generated CTs against the ground truth,
-   the same for the mean training CT (the baseline the X-rays must beat), the autoencoder's held-out
-   reconstruction, and DRR re-projection consistency; MPR figures.
+   (mean of K samples, with a per-voxel standard deviation as uncertainty), with the default
+   projection-consistency guidance and, from the same noise, without it.
+6. ``evaluation.evaluate`` path: PSNR / SSIM / MAE / lung and bone Dice of the generated CTs against the
+   ground truth, the same for the mean training CT (the baseline the X-rays must beat), the
+   autoencoder's held-out reconstruction, and DRR re-projection consistency; MPR figures.
 
-Writes ``OUT/summary.json`` (headline numbers), ``OUT/generated/<id>.nii.gz`` (+ ``_std``),
-``OUT/figures/<id>.png`` and ``OUT/evaluation/`` (per-case CSV and full summary). Each stage resumes:
-a second run reuses what is done (``--fresh`` starts over).
+Writes ``OUT/summary.json`` (headline numbers), ``OUT/generated/<id>.nii.gz`` (+ ``_std``; guided, the
+default) and ``OUT/generated_unguided/``, ``OUT/figures/<id>.png`` and ``OUT/evaluation/`` (per-case CSV
+and full summary; ``OUT/evaluation_unguided/`` likewise). Each stage resumes: a second run reuses what
+is done (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataset import DatasetInfo, Manifest, image_to_volume, read_ct
 from dataset.checkpoint import read_checkpoint
 from dataset.cli import OneLineParser, number, quiet_libraries, run_cli
 from dataset.io import atomic_write_json
+from evaluation.generate_ct import add_guidance_arguments, guidance_settings
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
@@ -76,15 +79,22 @@ def stage(name: str, t0: float) -> None:
 
 
 def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diffusion_steps: int,
-             num_samples: int, inference_steps: int, progress: bool = True) -> dict:
-    """Run (or resume) every stage; returns the summary that is also written to ``out/summary.json``."""
+             num_samples: int, inference_steps: int, progress: bool = True, guidance=None) -> dict:
+    """Run (or resume) every stage; returns the summary that is also written to ``out/summary.json``.
+
+    ``guidance``: :class:`evaluation.projection_guidance.GuidanceSettings` of the default generation
+    (default :data:`~evaluation.projection_guidance.DEFAULT_GUIDANCE`); the unguided twin uses the same noise.
+    """
     from dataset import prepare_demo
-    from evaluation.evaluate import find_pairs, evaluate_pairs, write_results
+    from evaluation.evaluate import evaluate_pairs, find_pairs, has_anatomy, write_results
     from evaluation.figures import save_mpr_figure
     from evaluation.generate_ct import write_generation
     from evaluation.generation import CTGenerator
-    from evaluation.metrics import psnr, volume_metrics
+    from evaluation.metrics import anatomy_dice, psnr, volume_metrics
+    from evaluation.projection_guidance import DEFAULT_GUIDANCE
     from train import generate_training_latent, train_BiFlowNet, train_PatchVolume
+
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
 
     quiet_libraries()  # after Lightning is imported: importing it resets its loggers
     t0 = time.perf_counter()
@@ -136,46 +146,63 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     bf_ckpt = Path(bf_run["checkpoint_dir"]) / "last.ckpt"
     times["biflownet_s"] = time.perf_counter() - t
 
-    stage(f"5/6 generating {len(test_rows)} held-out CTs from their X-rays ({num_samples} samples each)", t0)
+    stage(f"5/6 generating {len(test_rows)} held-out CTs from their X-rays ({num_samples} samples each, "
+          f"guided and unguided)", t0)
     t = time.perf_counter()
     gen = CTGenerator.from_checkpoints(bf_ckpt, ae_ckpt, device="cpu")
-    generated = out / "generated"
-    shutil.rmtree(generated, ignore_errors=True)
-    volumes = {}
-    g = torch.Generator().manual_seed(seed)
     from dataset import load_xray
 
-    for row in test_rows.itertuples():
+    runs = {"generated": guidance} if not guidance.active else {"generated": guidance, "generated_unguided": 0.0}
+    volumes: dict[str, dict] = {name: {} for name in runs}
+    seconds = {name: 0.0 for name in runs}
+    for name in runs:
+        shutil.rmtree(out / name, ignore_errors=True)
+    for i, row in enumerate(test_rows.itertuples()):
         ap, lat = load_xray(row.ap), load_xray(row.lat)
-        samples = gen.sample(ap, lat, None, num_samples, "ddim", inference_steps, 1.0, g)
-        write_generation(gen, samples, generated / f"{row.subject_id}.nii.gz")
-        volumes[row.subject_id] = (samples, ap, lat)
+        for name, setting in runs.items():  # the same noise for the guided sample and its unguided twin
+            g = torch.Generator().manual_seed(seed * 100003 + i)
+            start = time.perf_counter()
+            samples = gen.sample(ap, lat, None, num_samples, "ddim", inference_steps, 1.0, g,
+                                 projection_guidance=setting)
+            seconds[name] += time.perf_counter() - start
+            write_generation(gen, samples, out / name / f"{row.subject_id}.nii.gz")
+            volumes[name][row.subject_id] = (samples, ap, lat)
+    per_volume = {name: s / (len(test_rows) * num_samples) for name, s in seconds.items()}
     times["generate_s"] = time.perf_counter() - t
 
     stage("6/6 evaluation, baseline and figures", t0)
     t = time.perf_counter()
-    pairs = find_pairs(generated, manifest, split="test")
-    rows, ev = evaluate_pairs(pairs, info.window, info.geometry)
-    write_results(out / "evaluation", rows, ev, overwrite=True)
+    evaluations = {}
+    for name in runs:
+        rows, ev = evaluate_pairs(find_pairs(out / name, manifest, split="test"), info.window, info.geometry)
+        folder = "evaluation" if name == "generated" else "evaluation_unguided"
+        write_results(out / folder, rows, ev, overwrite=True)
+        evaluations[name] = ev
+    ev = evaluations["generated"]
 
     mean_ct = torch.stack([load_unit(p, info) for p in train_ids.ct]).mean(0)
     ae = gen.autoencoder
+    anatomy = has_anatomy(info.window)
     base, ae_psnr = [], []
     for row in test_rows.itertuples():
         ref = load_unit(row.ct, info)
-        base.append(volume_metrics(mean_ct, ref, info.window))
+        base.append(volume_metrics(mean_ct, ref, info.window) | (anatomy_dice(mean_ct, ref, info.window)
+                                                                  if anatomy else {}))
         with torch.no_grad():
             recon = ae.decode(ae.encode(ref[None]), quantize=True)[0].clamp(-1, 1)
         ae_psnr.append(float(psnr(recon, ref)))
-        samples, ap, lat = volumes[row.subject_id]
+        samples, ap, lat = volumes["generated"][row.subject_id]
         save_mpr_figure(out / "figures" / f"{row.subject_id}.png", samples.mean(0), ref, window=info.window,
                         uncertainty=samples.std(0) if num_samples > 1 else None, ap=ap, lat=lat,
                         spacing=info.spacing, title=f"{row.subject_id}: generated from its AP + LAT DRRs")
     times["evaluate_s"] = time.perf_counter() - t
 
     m = ev["metrics"]
+    mu = evaluations.get("generated_unguided", ev)["metrics"]
     mean_of = lambda key: float(torch.tensor([b[key] for b in base]).mean())  # noqa: E731
     drr_keys = [k for k in ("drr_ap_psnr_db", "drr_lat_psnr_db") if k in m]
+    drr_of = lambda metrics: sum(metrics[k]["mean"] for k in drr_keys) / len(drr_keys) if drr_keys else None  # noqa: E731
+    mean_or_none = lambda metrics, key: metrics[key]["mean"] if key in metrics else None  # noqa: E731
     summary = {
         "n_train": int(len(train_ids)),
         "n_test": int(len(test_rows)),
@@ -184,15 +211,30 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
         "x2ct_ssim": m["ssim_3d"]["mean"],
         "x2ct_mae_hu": m["mae_hu"]["mean"],
         "x2ct_slice_psnr_db": m["x2ct_slice_psnr_db"]["mean"],
+        "x2ct_unguided_psnr_db": mu["psnr_db"]["mean"],
+        "x2ct_unguided_ssim": mu["ssim_3d"]["mean"],
+        "lung_dice": mean_or_none(m, "lung_dice"),
+        "bone_dice": mean_or_none(m, "bone_dice"),
+        "lung_dice_unguided": mean_or_none(mu, "lung_dice"),
+        "bone_dice_unguided": mean_or_none(mu, "bone_dice"),
         "baseline_mean_psnr_db": mean_of("psnr_db"),
         "baseline_mean_ssim": mean_of("ssim_3d"),
         "baseline_mean_mae_hu": mean_of("mae_hu"),
-        "drr_consistency_psnr_db": sum(m[k]["mean"] for k in drr_keys) / len(drr_keys) if drr_keys else None,
+        "baseline_mean_lung_dice": mean_of("lung_dice") if anatomy else None,
+        "baseline_mean_bone_dice": mean_of("bone_dice") if anatomy else None,
+        "drr_consistency_psnr_db": drr_of(m),
+        "drr_consistency_unguided_psnr_db": drr_of(mu),
+        "seconds_per_volume_guided": per_volume["generated"],
+        "seconds_per_volume_unguided": per_volume.get("generated_unguided", per_volume["generated"]),
         "wall_s": time.perf_counter() - t0,
         "stage_s": times,
         "settings": {"subjects": subjects, "size": size, "seed": seed, "ae_steps": ae_steps,
                      "diffusion_steps": diffusion_steps, "num_samples": num_samples,
-                     "inference_steps": inference_steps, "sampler": "ddim", "threads": torch.get_num_threads()},
+                     "inference_steps": inference_steps, "sampler": "ddim", "threads": torch.get_num_threads(),
+                     "projection_guidance": {"weight": guidance.weight, "steps": guidance.steps,
+                                             "start": guidance.start, "renderer": guidance.renderer,
+                                             "refine_steps": guidance.refine_steps,
+                                             "refine_prior": guidance.refine_prior}},
         "definitions": {
             "psnr": "whole-volume PSNR on [-1, 1] (data range 2 = HU window "
                     f"[{info.window.hu_min:g}, {info.window.hu_max:g}]), mean over test subjects",
@@ -200,7 +242,13 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
             "x2ct_slice_psnr_db": "X2CT-style PSNR averaged over axial slices (reported separately)",
             "baseline_mean": "the voxel-wise mean of the training CTs scored against each test CT",
             "ae_psnr_db": "autoencoder reconstruction (encode, quantise, decode) of the test CTs",
-            "drr_consistency_psnr_db": "DRRs of the generated CT (input geometry) vs the input DRRs, AP/LAT mean",
+            "drr_consistency_psnr_db": "DRRs of the generated CT (input geometry, Siddon) vs the input DRRs, "
+                                       "PSNR on [0, 1], AP/LAT mean",
+            "x2ct_psnr_db": "the default generation: with projection-consistency guidance (settings above)",
+            "x2ct_unguided_psnr_db": "the same sampler from the same noise without projection guidance",
+            "lung_dice, bone_dice": ev["definitions"].get("anatomy_dice"),
+            "seconds_per_volume": "sampling + decoding (+ guidance) wall time per generated sample, "
+                                  f"{torch.get_num_threads()} CPU threads",
         },
     }
     summary["margin_over_baseline_db"] = summary["x2ct_psnr_db"] - summary["baseline_mean_psnr_db"]
@@ -219,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--diffusion-steps", type=number(int, min=1), default=800)
     p.add_argument("--num-samples", type=number(int, min=1), default=4, help="samples per test subject (mean is scored)")
     p.add_argument("--inference-steps", type=number(int, min=1), default=25, help="DDIM steps")
+    add_guidance_arguments(p)
     p.add_argument("--fresh", action="store_true", help="delete OUT first and start over")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -229,14 +278,22 @@ def _run(args) -> int:
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     s = run_demo(args.out, args.subjects, args.size, args.seed, args.ae_steps, args.diffusion_steps,
-                 args.num_samples, args.inference_steps, progress=not args.no_progress)
+                 args.num_samples, args.inference_steps, progress=not args.no_progress,
+                 guidance=guidance_settings(args))
     print(f"\nDemo finished in {s['wall_s']:.0f} s ({s['n_train']} training / {s['n_test']} test subjects)")
     print(f"  autoencoder held-out PSNR      {s['ae_psnr_db']:6.2f} dB")
-    print(f"  X-ray -> CT PSNR / SSIM        {s['x2ct_psnr_db']:6.2f} dB / {s['x2ct_ssim']:.3f}")
+    print(f"  X-ray -> CT PSNR / SSIM        {s['x2ct_psnr_db']:6.2f} dB / {s['x2ct_ssim']:.3f}"
+          f"   (unguided {s['x2ct_unguided_psnr_db']:.2f} dB / {s['x2ct_unguided_ssim']:.3f})")
     print(f"  mean-CT baseline PSNR / SSIM   {s['baseline_mean_psnr_db']:6.2f} dB / {s['baseline_mean_ssim']:.3f}")
     print(f"  margin over the baseline       {s['margin_over_baseline_db']:+6.2f} dB")
     if s["drr_consistency_psnr_db"] is not None:
-        print(f"  DRR re-projection consistency  {s['drr_consistency_psnr_db']:6.2f} dB")
+        print(f"  DRR re-projection consistency  {s['drr_consistency_psnr_db']:6.2f} dB"
+              f"   (unguided {s['drr_consistency_unguided_psnr_db']:.2f} dB)")
+    if s["lung_dice"] is not None:
+        print(f"  lung / bone Dice               {s['lung_dice']:.3f} / {s['bone_dice']:.3f}"
+              f"   (mean-CT baseline {s['baseline_mean_lung_dice']:.3f} / {s['baseline_mean_bone_dice']:.3f})")
+    print(f"  seconds per volume             {s['seconds_per_volume_guided']:6.2f} s guided, "
+          f"{s['seconds_per_volume_unguided']:.2f} s unguided")
     print(f"  summary: {args.out / 'summary.json'}; CTs: {args.out / 'generated'}; figures: {args.out / 'figures'}")
     return 0
 

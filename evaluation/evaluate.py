@@ -12,7 +12,9 @@ Usage::
 Every prediction must have a reference; with a manifest every subject of ``--split`` must have a
 prediction. Both volumes are mapped to [-1, 1] with the HU window (clipping), then scored with
 :mod:`evaluation.metrics`. DRR re-projection consistency is computed when X-rays and a geometry are
-known. FID / MMD on MedicalNet ResNet-10 features are computed with ``--medicalnet-weights``.
+known. Lung and bone Dice come from fixed HU thresholds applied to both volumes alike
+(:func:`evaluation.metrics.anatomy_masks`; when the HU window contains them). FID / MMD on MedicalNet
+ResNet-10 features are computed with ``--medicalnet-weights``.
 
 Writes ``OUT/per_case.csv`` and ``OUT/summary.json`` (and ``OUT/figures/<id>.png`` with ``--figures``),
 each atomically and only after every case was scored, so a bad input leaves nothing behind. Bad input
@@ -55,7 +57,7 @@ from dataset.radiograph import read_radiograph
 from evaluation import metrics
 from evaluation.figures import mpr_figure
 
-__all__ = ["CasePair", "evaluate_pairs", "find_pairs", "main", "write_results"]
+__all__ = ["CasePair", "evaluate_pairs", "find_pairs", "has_anatomy", "main", "write_results"]
 
 PROG = "python -m evaluation.evaluate"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -68,6 +70,13 @@ FIGURE_DIR = "figures"
 #: Per-case columns in the order written; DRR columns only when X-rays and a geometry are known.
 VOLUME_KEYS = ("psnr_db", "ssim_3d", "mae_hu", "x2ct_slice_psnr_db", "x2ct_slice_ssim")
 DRR_KEYS = ("drr_ap_psnr_db", "drr_ap_ssim", "drr_lat_psnr_db", "drr_lat_ssim")
+#: Per-case anatomy columns (when the HU window contains the thresholds, :func:`has_anatomy`).
+ANATOMY_KEYS = ("lung_dice", "bone_dice")
+
+
+def has_anatomy(window: HUWindow) -> bool:
+    """Whether the HU window contains the anatomy thresholds (else lung / bone Dice are not computed)."""
+    return window.hu_min < min(metrics.BODY_HU, metrics.LUNG_HU) and metrics.BONE_HU < window.hu_max
 
 
 @dataclass(frozen=True)
@@ -228,7 +237,7 @@ def _summarise(values: Sequence[float]) -> dict[str, float | int | None]:
             "n_inf": 0}
 
 
-def _definitions(window: HUWindow, drr: bool) -> dict[str, str]:
+def _definitions(window: HUWindow, drr: bool, anatomy: bool = False) -> dict[str, str]:
     w = f"[{window.hu_min:g}, {window.hu_max:g}] HU"
     d = {
         "intensity": f"volumes read in HU, clipped to the window {w} and mapped linearly to [-1, 1]",
@@ -244,6 +253,16 @@ def _definitions(window: HUWindow, drr: bool) -> dict[str, str]:
         "summary": "mean, sample standard deviation (ddof 1, null for n = 1) and n over cases; "
                    "mean is \"inf\" when n_inf > 0 cases are +inf",
     }
+    if anatomy:
+        d["anatomy_dice"] = (
+            "Dice 2|P&R|/(|P|+|R|) of threshold masks computed the same way on both volumes (1 if both are empty): "
+            f"body = HU > {metrics.BODY_HU:g}, largest 3D connected component, holes filled per axial slice; "
+            f"lung_dice: body voxels with HU < {metrics.LUNG_HU:g} (lungs and airways); "
+            f"bone_dice: body voxels with HU >= {metrics.BONE_HU:g} (cortical and dense trabecular bone; "
+            "iodine-enhanced blood above that counts too)")
+    else:
+        d["anatomy_dice"] = (f"not computed: the HU window {w} does not contain the thresholds "
+                             f"({metrics.BODY_HU:g} and {metrics.BONE_HU:g} HU)")
     if drr:
         d["drr_consistency"] = ("the generated CT is rendered with the input's DRR geometry (dataset.drr) and "
                                 "compared with the input X-rays on [0, 1]: PSNR with data range 1 and 2D SSIM "
@@ -289,6 +308,7 @@ def evaluate_pairs(
         raise ValueError("no cases to evaluate")
     window = window or HUWindow()
     with_drr = geometry is not None
+    with_anatomy = has_anatomy(window)
     if with_drr:
         lacking = [p.subject_id for p in pairs if p.ap is None or p.lat is None]
         if lacking:
@@ -312,6 +332,8 @@ def evaluate_pairs(
             )
         row: dict = {"subject_id": pair.subject_id, "pred": str(pair.pred), "ref": str(pair.ref)}
         row.update(metrics.volume_metrics(pred, ref, window, name=f"{case}"))
+        if with_anatomy:
+            row.update(metrics.anatomy_dice(pred, ref, window, name=case))
         ap = lat = None
         if pair.ap is not None and pair.lat is not None:
             ap, lat = read_radiograph(pair.ap).image, read_radiograph(pair.lat).image
@@ -337,13 +359,13 @@ def evaluate_pairs(
                                                  spacing=ref_spacing, title=pair.subject_id)
         rows.append(row)
 
-    keys = list(VOLUME_KEYS) + (list(DRR_KEYS) if with_drr else [])
+    keys = list(VOLUME_KEYS) + (list(ANATOMY_KEYS) if with_anatomy else []) + (list(DRR_KEYS) if with_drr else [])
     summary: dict = {
         "n_cases": len(rows),
         "window": window.to_dict(),
         "metrics": {k: _summarise([r[k] for r in rows]) for k in keys},
         "feature_metrics": _feature_metrics(feats_pred, feats_ref, fid_min_samples),
-        "definitions": _definitions(window, with_drr),
+        "definitions": _definitions(window, with_drr, with_anatomy),
     }
     if with_drr:
         summary["drr_geometry"] = geometry.to_dict()

@@ -32,7 +32,9 @@ from tqdm import tqdm
 
 from dataset import Manifest, write_nifti
 from dataset.cli import OneLineParser, number, run_cli
+from dataset.drr import RENDERERS
 from evaluation.generation import SAMPLERS, CTGenerator
+from evaluation.projection_guidance import DEFAULT_GUIDANCE, GuidanceSettings
 from evaluation.xray_inputs import (XrayOptions, add_xray_arguments, check_side_outputs, intensity_reference,
                                     manifest_geometries, prepare_pair, sample_kwargs, save_preview, sidecar,
                                     training_geometry, write_sidecar)
@@ -127,6 +129,32 @@ def check_options(gen: CTGenerator, checkpoint: Path, label: int | None, guidanc
                              "(module.p_uncond=0), so it has no unconditional prediction to guide with; use 1")
 
 
+def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
+    """Projection-consistency guidance options (read by :func:`guidance_settings`)."""
+    d = DEFAULT_GUIDANCE
+    p.add_argument("--projection-guidance", type=number(float, 0.0, 1.0), default=d.weight, metavar="W",
+                   help=f"weight in [0, 1] of the guidance towards the input X-rays: the fraction of the DRR "
+                        f"mismatch each guided step removes (0 = off; default {d.weight:g})")
+    p.add_argument("--guidance-steps", type=number(int, 1), default=d.steps, metavar="N",
+                   help=f"number of guided denoising steps (default {d.steps}); each costs one decoder backward pass")
+    p.add_argument("--guidance-start", type=number(float, 0.0, 1.0), default=d.start, metavar="F",
+                   help=f"spread the guided steps from this fraction of the trajectory to its end (default {d.start:g})")
+    p.add_argument("--guidance-renderer", choices=RENDERERS, default=d.renderer,
+                   help=f"DRR integrator of the guidance (default {d.renderer}; evaluation always uses siddon)")
+    p.add_argument("--refine-steps", type=number(int, 0), default=d.refine_steps, metavar="N",
+                   help=f"final voxel-space refinement steps on the DRR mismatch (default {d.refine_steps})")
+    p.add_argument("--refine-prior", type=number(float, 0.0), default=d.refine_prior, metavar="L",
+                   help=f"weight of the refinement's stay-near-the-generated-CT term (default {d.refine_prior:g})")
+
+
+def guidance_settings(args: argparse.Namespace) -> GuidanceSettings:
+    """The :class:`GuidanceSettings` that :func:`add_guidance_arguments`' options describe."""
+    return GuidanceSettings(weight=args.projection_guidance, steps=args.guidance_steps, start=args.guidance_start,
+                            refine_steps=args.refine_steps, refine_prior=args.refine_prior,
+                            renderer=args.guidance_renderer, quantize=DEFAULT_GUIDANCE.quantize,
+                            refine_lr=DEFAULT_GUIDANCE.refine_lr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``evaluation.generate_ct`` argument parser."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
@@ -140,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=number(int, min=0), default=None,
                    help="class label (class-conditional models only; batch mode default: the manifest's label)")
     p.add_argument("--num-samples", "--num_samples", type=number(int, min=1), default=1)
+    add_guidance_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true")
     add_xray_arguments(p)
@@ -198,7 +227,8 @@ def generate(args: argparse.Namespace) -> None:
     todo = [job for job in inputs if job[3] is not None]
     for name, pair, label, out in tqdm(todo, desc="generate", disable=args.no_progress or len(todo) <= 1):
         volumes = gen.sample(pair.ap.image, pair.lat.image, label, args.num_samples, args.sampler,
-                             args.num_inference_steps, args.guidance_scale, generator, **sample_kwargs(gen, pair))
+                             args.num_inference_steps, args.guidance_scale, generator,
+                             projection_guidance=guidance_settings(args), **sample_kwargs(gen, pair))
         paths = write_generation(gen, volumes, out)
         write_sidecar(out, pair, {"checkpoint": str(args.checkpoint), "seed": args.seed,
                                   "num_samples": args.num_samples})

@@ -2,7 +2,8 @@
 
 A :class:`CTGenerator` holds a trained BiFlowNet (EMA weights) and the frozen autoencoder whose latent
 space it was trained in. ``sample`` draws latents with the chosen sampler (optionally with
-classifier-free guidance), de-normalises them and decodes them to ``(K, 1, D, H, W)`` volumes in
+classifier-free guidance and projection-consistency guidance towards the X-rays,
+:mod:`evaluation.projection_guidance`), de-normalises them and decodes them to ``(K, 1, D, H, W)`` volumes in
 [-1, 1]; ``to_hu_image`` turns one into a TorchIO image in HU with the training spacing, ready to be
 written as NIfTI.
 """
@@ -20,6 +21,7 @@ import torchio as tio
 from AutoEncoder import LoadedAutoencoder, PatchVolumeAutoencoder, load_autoencoder
 from dataset import DatasetInfo, DRRGeometry, HUWindow, volume_to_image
 from ddpm import LoadedBiFlowNet, guided, load_biflownet
+from evaluation.projection_guidance import GuidanceSettings, ProjectionGuidance
 
 SAMPLERS = ("ddim", "ddpm", "rflow")
 
@@ -112,6 +114,23 @@ class CTGenerator:
                 raise ValueError(f"{name}: {view} values span [{float(x.min()):.3g}, {float(x.max()):.3g}]; "
                                  "expected a radiograph normalised to [0, 1]")
 
+    @property
+    def training_geometry(self) -> DRRGeometry | None:
+        """DRR geometry of the training X-rays (the default pair geometry), or None when it is unknown.
+
+        The BiFlowNet checkpoint's own record comes first; older checkpoints fall back to the dataset
+        description stored in the autoencoder.
+        """
+        geometry = getattr(self.biflownet, "geometry", None)
+        if geometry is not None:
+            return geometry
+        stored = (getattr(self.autoencoder, "dataset_info", None) or {}).get("geometry")
+        return DRRGeometry.from_dict(stored) if stored else None
+
+    def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """Normalised latents ``(B, C, d, h, w)`` -> volumes ``(B, 1, D, H, W)`` (about [-1, 1], not clamped)."""
+        return self.autoencoder.decode(self.biflownet.denormalize(z.float()), quantize=quantize)
+
     def _autocast(self):
         if self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -121,7 +140,8 @@ class CTGenerator:
     def sample(self, ap: torch.Tensor | None = None, lat: torch.Tensor | None = None, label: int | None = None,
                num_samples: int = 1, sampler: str = "ddim", num_inference_steps: int = 50,
                guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-               batch_size: int | None = None, geometry: DRRGeometry | None = None) -> torch.Tensor:
+               batch_size: int | None = None, *, projection_guidance: float | GuidanceSettings = 0.0,
+               geometry: DRRGeometry | None = None) -> torch.Tensor:
         """Draw ``num_samples`` volumes for one condition.
 
         Args:
@@ -133,9 +153,13 @@ class CTGenerator:
             num_inference_steps: denoising steps.
             guidance_scale: classifier-free guidance scale (1 = the conditional model alone).
             generator: CPU ``torch.Generator`` for the starting noise and stochastic samplers.
-            batch_size: samples per network batch (default all K at once).
-            geometry: DRR geometry of the given pair (images already on the model's detector grid);
-                None = the training geometry (``biflownet.geometry``).
+            batch_size: samples per network batch (default all K at once); also bounds the memory of
+                projection guidance (decoder activations of one batch).
+            projection_guidance: weight in [0, 1] of projection-consistency guidance towards ``ap``/``lat``
+                (0 = off, bit-identical to sampling without it), or a full
+                :class:`~evaluation.projection_guidance.GuidanceSettings` (schedule, refinement, renderer).
+            geometry: DRR geometry of the given X-ray pair (on the model's detector grid); None = the
+                training geometry (:attr:`training_geometry`).
 
         Returns:
             float32 ``(K, 1, D, H, W)`` volumes in [-1, 1] on the CPU.
@@ -156,6 +180,16 @@ class CTGenerator:
         if self.num_classes > 0 and not (unconditional and label is None):  # null tokens drop the class too
             if label is None or not 0 <= int(label) < self.num_classes:
                 raise ValueError(f"label={label!r} is invalid; expected an integer in [0, {self.num_classes})")
+        settings = (projection_guidance if isinstance(projection_guidance, GuidanceSettings)
+                    else GuidanceSettings(weight=projection_guidance))
+        if settings.active:
+            if ap is None or lat is None:
+                raise ValueError(f"projection_guidance={settings.weight:g} (refine_steps={settings.refine_steps}) "
+                                 "needs an AP and a LAT X-ray to agree with; use 0 without them")
+            geometry = geometry or self.training_geometry
+            if geometry is None:
+                raise ValueError("projection guidance needs the DRR geometry of the X-rays, and the checkpoints "
+                                 "record none; pass a geometry or turn guidance off (projection_guidance=0)")
         cfg = self.biflownet.conditioning
         shape = (cfg["latent_channels"], *cfg["latent_shape"])
         generator = generator or torch.Generator().manual_seed(0)
@@ -179,12 +213,20 @@ class CTGenerator:
             noise = torch.randn((k, *shape), generator=generator).to(self.device)
             gen = generator if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(
                 int(torch.randint(0, 2**62, (1,), generator=generator)))
+            hook = None
+            if settings.active:
+                hook = ProjectionGuidance(partial(self.decode, quantize=settings.quantize), ap.to(self.device),
+                                          lat.to(self.device), self.spacing, geometry, self.window, settings,
+                                          num_inference_steps)
             with self._autocast():
                 z = self.biflownet.diffusion.sample(
-                    model_fn, noise, gen,
-                    num_inference_steps=num_inference_steps, sampler=sampler)
-                x = self.autoencoder.decode(self.biflownet.denormalize(z.float()), quantize=True)
-            out.append(x.float().clamp(-1, 1).cpu())
+                    model_fn, noise, gen, num_inference_steps=num_inference_steps, sampler=sampler,
+                    x0_hook=hook if settings.weight > 0 else None)
+                x = self.decode(z, quantize=True)
+            x = x.float().clamp(-1, 1)
+            if hook is not None:
+                x = hook.refine(x)
+            out.append(x.cpu())
         return torch.cat(out)
 
     def to_hu_image(self, volume: torch.Tensor) -> tio.ScalarImage:

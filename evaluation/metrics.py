@@ -16,6 +16,10 @@ unit scale, which ``dataset.intensity`` maps linearly onto an HU window ``[hu_mi
 mapping is linear, PSNR on the unit scale with data range 2 equals PSNR in windowed HU with data range
 ``hu_max - hu_min``; SSIM likewise (its constants scale with the data range).
 
+**Anatomy** (``anatomy_masks`` / ``anatomy_dice``): lung and bone Dice from fixed HU thresholds, computed
+the same way on both volumes: the threshold version of the organ Dice that X-ray -> CT papers report
+with a segmentation network, runnable without one.
+
 Identical inputs: PSNR is ``+inf`` (no cap). A slice-averaged PSNR is ``+inf`` as soon as one slice is
 identical. Non-finite voxels in an input raise ``ValueError`` naming the case.
 
@@ -26,9 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from einops import rearrange
-from monai.metrics import FIDMetric, MAEMetric, MMDMetric, PSNRMetric, SSIMMetric
+from monai.metrics import DiceMetric, FIDMetric, MAEMetric, MMDMetric, PSNRMetric, SSIMMetric
 
 from dataset.intensity import HUWindow
 
@@ -36,6 +41,16 @@ from dataset.intensity import HUWindow
 UNIT_DATA_RANGE = 2.0
 #: Data range of X-ray / DRR tensors in [0, 1].
 XRAY_DATA_RANGE = 1.0
+#: Body / air boundary (HU): halfway between air (-1000) and water (0); lung parenchyma (about -900 to
+#: -700 HU) lies below it, every soft tissue above it.
+BODY_HU = -500.0
+#: Lung (HU): air-like voxels (below this) inside the body.
+LUNG_HU = BODY_HU
+#: Bone (HU): at or above this. Above soft tissue and unenhanced blood (< 100 HU), below cortical bone
+#: (> 700 HU at thin slices), so cortical and dense trabecular bone count even when partial-volume averaged
+#: at coarse spacing. Iodine-enhanced blood (150-500 HU) may exceed it: on contrast CTs the bright vessels
+#: and heart chambers count as "bone" in both volumes alike.
+BONE_HU = 300.0
 #: SSIM window used everywhere here: Gaussian, 11 samples per axis, sigma 1.5 (Wang et al. 2004),
 #: with the usual constants K1 = 0.01, K2 = 0.03.
 SSIM_WIN_SIZE = 11
@@ -46,6 +61,11 @@ __all__ = [
     "SSIM_WIN_SIZE",
     "UNIT_DATA_RANGE",
     "XRAY_DATA_RANGE",
+    "BODY_HU",
+    "BONE_HU",
+    "LUNG_HU",
+    "anatomy_dice",
+    "anatomy_masks",
     "check_finite",
     "extract_features",
     "fid",
@@ -308,6 +328,68 @@ def volume_metrics(
         "x2ct_slice_psnr_db": float(slice_psnr(pred, ref, UNIT_DATA_RANGE, name=name)),
         "x2ct_slice_ssim": float(slice_ssim(pred, ref, UNIT_DATA_RANGE, win_size=win_size, name=name)),
     }
+
+
+def anatomy_masks(volume: torch.Tensor, window: HUWindow) -> dict[str, torch.Tensor]:
+    """Body, lung and bone masks of one CT from the HU thresholds :data:`BODY_HU`, :data:`LUNG_HU`, :data:`BONE_HU`.
+
+    - body: voxels above ``BODY_HU``, largest 3D connected component (drops the table and stray voxels),
+      then holes filled slice by slice in the axial plane (the lungs and airways enclosed by the chest wall
+      belong to the body; slice-wise because the trachea opens the lungs to the outside in 3D);
+    - lung: voxels of the filled body below ``LUNG_HU`` (lungs and airways; gas in the bowel too);
+    - bone: voxels of the filled body at or above ``BONE_HU``.
+
+    Args:
+        volume: ``(1, D, H, W)`` (or ``(1, 1, D, H, W)``) in [-1, 1] (HU via ``window``, clamped to it).
+        window: HU window of the [-1, 1] scale; it must contain the thresholds.
+
+    Returns:
+        ``{"body", "lung", "bone"}``: bool ``(D, H, W)`` tensors.
+    """
+    from scipy import ndimage
+
+    for name, hu in (("body/lung", BODY_HU), ("bone", BONE_HU)):
+        if not window.hu_min < hu < window.hu_max:
+            raise ValueError(f"the {name} threshold {hu:g} HU lies outside the HU window "
+                             f"[{window.hu_min:g}, {window.hu_max:g}]; anatomy metrics need a window containing it")
+    if volume.shape[0] != 1 or volume.ndim not in (4, 5) or (volume.ndim == 5 and volume.shape[1] != 1):
+        raise ValueError(f"volume has shape {tuple(volume.shape)}; expected one CT (1, D, H, W)")
+    hu = window.to_hu(volume.detach().float().clamp(-1, 1)).reshape(volume.shape[-3:]).cpu().numpy()
+    tissue = hu > BODY_HU
+    labels, n = ndimage.label(tissue)
+    if n == 0:
+        body = tissue
+    else:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        body = labels == int(sizes.argmax())
+    body = np.stack([ndimage.binary_fill_holes(s) for s in body])  # axial slices: (H, W) each
+    return {"body": torch.from_numpy(body), "lung": torch.from_numpy(body & (hu < LUNG_HU)),
+            "bone": torch.from_numpy(body & (hu >= BONE_HU))}
+
+
+def anatomy_dice(pred: torch.Tensor, ref: torch.Tensor, window: HUWindow, name: str = "volume") -> dict[str, float]:
+    """Lung and bone Dice of a generated CT against its reference (masks by :func:`anatomy_masks` on both).
+
+    Dice ``2 |P & R| / (|P| + |R|)`` (``monai.metrics.DiceMetric``); 1 when both masks are empty, 0 when
+    only one is.
+
+    Args:
+        pred: one volume ``(1, D, H, W)`` in [-1, 1].
+        ref: same shape.
+        window: HU window of the [-1, 1] scale.
+        name: case name used in error messages.
+
+    Returns:
+        ``{"lung_dice", "bone_dice"}`` as floats in [0, 1].
+    """
+    pred, ref = _pair(pred, ref, 3, name)
+    if pred.shape[0] != 1:
+        raise ValueError(f"{name}: anatomy_dice takes one volume, got a batch of {pred.shape[0]}")
+    mp, mr = anatomy_masks(pred[0], window), anatomy_masks(ref[0], window)
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    return {f"{k}_dice": float(dice(mp[k][None, None].float(), mr[k][None, None].float()).reshape(()))
+            for k in ("lung", "bone")}
 
 
 def _as_image(x: torch.Tensor, name: str) -> torch.Tensor:

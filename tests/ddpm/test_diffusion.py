@@ -162,3 +162,47 @@ def test_hparams_rebuild_the_same_process() -> None:
     assert diff.hparams() == kw
     rebuilt = Diffusion(**diff.hparams())
     torch.testing.assert_close(rebuilt.scheduler.alphas_cumprod, diff.scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize("process,target,sampler", CONFIGS)
+def test_implied_noise_inverts_add_noise(process: str, target: str, sampler: str) -> None:
+    diff = Diffusion(process, target, sampler=sampler)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(3, 2, 4, 4, 4, generator=g), torch.randn(3, 2, 4, 4, 4, generator=g)
+    t = torch.tensor([10, 421, 950])
+    torch.testing.assert_close(diff.implied_noise(diff.add_noise(x0, noise, t), t, x0), noise, rtol=1e-4, atol=1e-4)
+
+
+def _sample_with_hook(diff: Diffusion, hook, seed: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    model = lambda x, t: 0.3 * x + 1e-3 * t.float().reshape(-1, 1, 1, 1, 1)  # noqa: E731
+    noise = torch.randn(2, 2, 4, 4, 4, generator=g)
+    return diff.sample(model, noise, torch.Generator().manual_seed(seed), x0_hook=hook)
+
+
+@pytest.mark.parametrize("process,target,sampler", CONFIGS)
+def test_x0_hook_that_changes_nothing_leaves_the_sample_unchanged(process: str, target: str, sampler: str) -> None:
+    diff = Diffusion(process, target, sampler=sampler, num_inference_steps=8)
+    calls = []
+    plain = _sample_with_hook(diff, None)
+    skipped = _sample_with_hook(diff, lambda i, t, x0: calls.append(i))  # returns None: no correction
+    assert calls == list(range(8))
+    torch.testing.assert_close(skipped, plain, rtol=0, atol=0)
+    identity = _sample_with_hook(diff, lambda i, t, x0: x0)  # re-derived from x0 and the implied noise
+    torch.testing.assert_close(identity, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("process,target,sampler", [c for c in CONFIGS if c[2] != "ddpm"])
+def test_x0_hook_returning_the_target_at_every_step_lands_on_it(process: str, target: str, sampler: str) -> None:
+    """A hook that replaces every estimate by x* steers even a poor network's deterministic sampler onto x*."""
+    diff = Diffusion(process, target, sampler=sampler, num_inference_steps=10)
+    x_star = torch.randn(2, 2, 4, 4, 4, generator=torch.Generator().manual_seed(9))
+    out = _sample_with_hook(diff, lambda i, t, x0: x_star.clone())
+    torch.testing.assert_close(out, x_star, rtol=1e-3, atol=2e-3)
+    assert not torch.allclose(_sample_with_hook(diff, None), x_star, atol=0.1)
+
+
+def test_x0_hook_of_the_wrong_shape_raises() -> None:
+    diff = Diffusion("ddpm", "v", num_inference_steps=2)
+    with pytest.raises(ValueError, match="x0 hook returned shape"):
+        _sample_with_hook(diff, lambda i, t, x0: x0[:1])

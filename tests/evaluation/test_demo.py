@@ -12,7 +12,9 @@ import pytest
 from evaluation import demo
 
 SUMMARY_KEYS = ("n_train", "n_test", "ae_psnr_db", "x2ct_psnr_db", "x2ct_ssim", "baseline_mean_psnr_db",
-                "drr_consistency_psnr_db", "margin_over_baseline_db", "wall_s")
+                "drr_consistency_psnr_db", "margin_over_baseline_db", "wall_s", "x2ct_unguided_psnr_db",
+                "drr_consistency_unguided_psnr_db", "lung_dice", "bone_dice", "seconds_per_volume_guided",
+                "seconds_per_volume_unguided")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
@@ -36,6 +38,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch: pytest.Mo
         assert nib.load(str(out / "generated" / f"{sid}.nii.gz")).shape == (32, 32, 32)
         assert (out / "generated" / f"{sid}_std.nii.gz").is_file()
         assert (out / "figures" / f"{sid}.png").stat().st_size > 0
+        assert nib.load(str(out / "generated_unguided" / f"{sid}.nii.gz")).shape == (32, 32, 32)
+    assert summary["settings"]["projection_guidance"]["weight"] > 0  # the default generation is guided
 
     ckpts = [out / "autoencoder" / "checkpoints" / "last.ckpt", out / "biflownet" / "checkpoints" / "last.ckpt"]
     steps = [demo.checkpoint_step(p) for p in ckpts]

@@ -79,7 +79,10 @@ def test_identical_volumes_give_inf_in_csv_and_json(tiny_prepared_dataset: Path,
     assert summary["metrics"]["psnr_db"]["mean"] == "inf" and summary["metrics"]["psnr_db"]["n_inf"] == 1
     assert summary["metrics"]["mae_hu"]["mean"] == 0.0 and summary["metrics"]["mae_hu"]["std"] is None
     assert summary["metrics"]["drr_ap_psnr_db"]["mean"] == "inf"
-    assert math.isinf(pd.read_csv(out / "per_case.csv")["psnr_db"][0])
+    assert summary["metrics"]["lung_dice"]["mean"] == 1.0 and summary["metrics"]["bone_dice"]["mean"] == 1.0
+    assert "HU < -500" in summary["definitions"]["anatomy_dice"]
+    rows = pd.read_csv(out / "per_case.csv")
+    assert math.isinf(rows["psnr_db"][0]) and rows["lung_dice"][0] == 1.0
 
 
 def test_reference_folder_without_xrays_and_explicit_window(tiny_prepared_dataset: Path, tmp_path: Path,
@@ -96,6 +99,12 @@ def test_reference_folder_without_xrays_and_explicit_window(tiny_prepared_datase
     assert rows["psnr_db"][0] == pytest.approx(20 * math.log10(4000 / 40), abs=1e-3)  # window width 4000 HU
     summary = json.loads((out / "summary.json").read_text())
     assert "drr_consistency" not in summary["definitions"]
+    assert "lung_dice" in summary["metrics"]  # the window [-1000, 3000] HU contains the thresholds
+    narrow = tmp_path / "eval_narrow"
+    code, _, err = _run(capsys, "--pred", pred, "--ref", ref_dir, "--hu-min", "-100", "--hu-max", "200", "--out", narrow)
+    assert code == 0, err
+    summary = json.loads((narrow / "summary.json").read_text())
+    assert "lung_dice" not in summary["metrics"] and "not computed" in summary["definitions"]["anatomy_dice"]
 
 
 def test_existing_output_is_refused_unless_overwrite(tiny_prepared_dataset: Path, tmp_path: Path, capsys) -> None:

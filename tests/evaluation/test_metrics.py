@@ -220,3 +220,48 @@ def test_reprojection_of_own_drrs_is_perfect_and_drops_when_perturbed() -> None:
         assert other[f"drr_{view}_ssim"] < own[f"drr_{view}_ssim"]
     with pytest.raises(ValueError, match="differs from the rendered DRR shape"):
         metrics.reprojection_metrics(vol, ap[..., :20], lat, render, name="case_x")
+
+
+WINDOW = HUWindow()
+
+
+def _torso(lung_w: int = 8, bone: bool = True, trachea: bool = False, table: bool = False) -> torch.Tensor:
+    """A 32^3 (1, D, H, W) [-1, 1] volume: water body [8, 28) x [6, 26) x [4, 28) in air, an 8 x 8 x 4 lung
+    of -800 HU at W in [lung_w, lung_w + 4), an optional 8 x 4 x 4 bone of 700 HU, an optional trachea (an
+    air tube from the lung up through the body's top face) and an optional table (a separate water slab)."""
+    hu = torch.full((32, 32, 32), -1000.0)
+    hu[8:28, 6:26, 4:28] = 0.0
+    hu[10:18, 10:18, lung_w:lung_w + 4] = -800.0
+    if bone:
+        hu[10:18, 20:24, 20:24] = 700.0
+    if trachea:
+        hu[8:10, 12:14, lung_w + 1:lung_w + 3] = -1000.0
+    if table:
+        hu[8:28, 28:30, 2:30] = 0.0
+    return WINDOW.to_unit(hu)[None]
+
+
+def test_anatomy_masks_follow_the_thresholds() -> None:
+    masks = metrics.anatomy_masks(_torso(trachea=True, table=True), WINDOW)
+    assert int(masks["body"].sum()) == 20 * 20 * 24  # the table is dropped, the enclosed lung is filled in
+    assert int(masks["lung"].sum()) == 8 * 8 * 4 + 2 * 2 * 2  # lung + trachea (open to the air in 3D)
+    assert int(masks["bone"].sum()) == 8 * 4 * 4
+    assert not bool((masks["lung"] & masks["bone"]).any())
+
+
+def test_anatomy_dice_known_by_construction() -> None:
+    ref = _torso(lung_w=8)
+    out = metrics.anatomy_dice(_torso(lung_w=9), ref, WINDOW)  # lung shifted by one voxel: 3 of 4 columns overlap
+    assert out["lung_dice"] == pytest.approx(2 * 8 * 8 * 3 / (2 * 8 * 8 * 4))
+    assert out["bone_dice"] == pytest.approx(1.0)
+    assert metrics.anatomy_dice(ref, ref, WINDOW) == {"lung_dice": 1.0, "bone_dice": 1.0}
+    no_bone = metrics.anatomy_dice(_torso(bone=False), ref, WINDOW)
+    assert no_bone["bone_dice"] == 0.0 and no_bone["lung_dice"] == 1.0
+    assert metrics.anatomy_dice(_torso(bone=False), _torso(bone=False), WINDOW)["bone_dice"] == 1.0  # both empty
+    # air where the reference has a table: outside the body, so not lung
+    assert metrics.anatomy_dice(ref, _torso(table=True), WINDOW)["lung_dice"] == 1.0
+
+
+def test_anatomy_thresholds_outside_the_window_raise() -> None:
+    with pytest.raises(ValueError, match="bone threshold 300 HU lies outside the HU window"):
+        metrics.anatomy_masks(_torso(), HUWindow(-1000, 200))
