@@ -1,6 +1,9 @@
 """3D building blocks of the patch-volume autoencoder: residual blocks, resampling, bottleneck attention.
 
-All blocks take and return volumes laid out as ``(B, C, D, H, W)``.
+All blocks take and return volumes laid out as ``(B, C, D, H, W)``. The decoder's blocks can also run over a
+large volume slab by slab (``forward_slabs``): GroupNorm statistics are reduced over the whole volume
+first, then every convolution sees the exact neighbouring planes, so the result equals ``forward`` up to rounding
+while only slab-sized temporaries are ever allocated.
 """
 
 from __future__ import annotations
@@ -17,6 +20,108 @@ def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+# Slabs run along the last axis (W). CPU convolutions take PyTorch's fast oneDNN path only when
+# batch * channels * D * H of the input is large enough (a heuristic in ATen), which thin D-slabs would miss;
+# slicing W leaves that product whole.
+SLAB_AXIS = 4
+
+
+def slab_ranges(n: int, planes: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(n)`` in pieces of at most ``planes``."""
+    if planes < 1:
+        raise ValueError(f"slab planes must be >= 1, got {planes}")
+    return [(a, min(a + planes, n)) for a in range(0, n, planes)]
+
+
+def _slab(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return x.narrow(SLAB_AXIS, a, b - a)
+
+
+def group_norm_stats(norm: nn.GroupNorm, x: torch.Tensor, planes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, group) mean and ``1 / sqrt(var + eps)`` of ``x`` ``(B, C, D, H, W)``, as ``norm`` computes them.
+
+    Reduced slab by slab (``planes`` W-planes at a time; per-slab moments merged in float64, Chan et al.), so
+    no temporary larger than one slab is made.
+
+    Returns:
+        ``(mean, rstd)``, each float32 ``(B, groups)``.
+    """
+    groups = norm.num_groups
+    count = 0
+    mean = x.new_zeros((x.shape[0], groups), dtype=torch.float64)
+    m2 = torch.zeros_like(mean)
+    for a, b in slab_ranges(x.shape[SLAB_AXIS], planes):
+        piece = rearrange(_slab(x, a, b).float(), "b (g c) d h w -> b g (c d h w)", g=groups)
+        var, mu = torch.var_mean(piece, dim=-1, correction=0)
+        n = piece.shape[-1]
+        delta = mu.double() - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + var.double() * n + delta.pow(2) * (count * n / total)
+        count = total
+    return mean.float(), torch.rsqrt(m2 / count + norm.eps).float()
+
+
+def group_norm_with(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """``norm`` applied to (a slab of) ``x`` ``(B, C, D, H, w)`` with given ``(B, groups)`` statistics."""
+    per_group = x.shape[1] // norm.num_groups
+    scale = rstd.repeat_interleave(per_group, dim=1) * norm.weight.float()  # (B, C)
+    shift = norm.bias.float() - mean.repeat_interleave(per_group, dim=1) * scale
+    out = x.float() * scale[:, :, None, None, None] + shift[:, :, None, None, None]
+    return out if torch.is_autocast_enabled() else out.to(x.dtype)  # autocast runs GroupNorm in float32
+
+
+def conv_slab(conv: nn.Conv3d, source: torch.Tensor, a: int, b: int, prepare=None,
+              before: torch.Tensor | None = None) -> torch.Tensor:
+    """Output planes ``a:b`` (along W) of a stride-1, 'same'-padded ``conv`` applied to ``prepare(source)`` whole.
+
+    Reads only planes ``a - p : b + p`` of ``source`` (``p`` = kernel // 2), zero-pads where the volume ends and
+    convolves without padding along W: exactly what the whole-volume convolution gives on those planes.
+
+    Args:
+        conv: a stride-1 convolution with odd kernel and padding ``kernel // 2``.
+        source: ``(B, C, D, H, W)`` input volume.
+        a, b: output planes wanted.
+        prepare: elementwise map applied to the input planes first (normalisation and activation); None: identity.
+        before: the original values of the input planes ``a - p : a`` when ``source`` is being overwritten in
+            place; None reads them from ``source``.
+    """
+    p = conv.padding[SLAB_AXIS - 2]
+    n = source.shape[SLAB_AXIS]
+    lo, hi = max(0, a - p), min(n, b + p)
+    piece = _slab(source, a if before is not None else lo, hi)
+    if before is not None and lo < a:
+        piece = torch.cat([before, piece], dim=SLAB_AXIS)
+    piece = piece if prepare is None else prepare(piece)
+    if p - (a - lo) or p - (hi - b):
+        piece = F.pad(piece, (p - (a - lo), p - (hi - b)))
+    padding = list(conv.padding)
+    padding[SLAB_AXIS - 2] = 0
+    return F.conv3d(piece, conv.weight, conv.bias, padding=tuple(padding))
+
+
+def assemble(x: torch.Tensor, channels: int, scale: int, planes: int, piece) -> torch.Tensor:
+    """A volume ``(B, channels, D*scale, H*scale, W*scale)`` built from ``piece(a, b)``, its planes
+    ``scale*a : scale*b`` along W for each slab ``a:b`` of ``x``.
+
+    Without autograd the pieces are written into one preallocated NDHWC volume (no concatenation copy); with
+    autograd they are concatenated.
+    """
+    ranges = slab_ranges(x.shape[SLAB_AXIS], planes)
+    if torch.is_grad_enabled():
+        return torch.cat([piece(a, b) for a, b in ranges], dim=SLAB_AXIS)
+    bsz, _, d, h, w = x.shape
+    out: torch.Tensor | None = None
+    for a, b in ranges:
+        y = piece(a, b)
+        if out is None:  # dtype of the result (autocast may change it)
+            out = torch.empty((bsz, channels, d * scale, h * scale, w * scale), dtype=y.dtype, device=y.device,
+                              memory_format=torch.channels_last_3d)
+        _slab(out, scale * a, scale * b).copy_(y)
+    assert out is not None
+    return out
 
 
 class ResBlock3d(nn.Module):
@@ -45,6 +150,30 @@ class ResBlock3d(nn.Module):
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
+    def forward_slabs(self, x: torch.Tensor, planes: int) -> torch.Tensor:
+        """:meth:`forward` computed ``planes`` planes at a time (along W) with whole-volume GroupNorm statistics.
+
+        Without autograd it holds ``x`` and one output-sized volume (the second convolution overwrites the first
+        one's result in place); everything else is slab-sized. With autograd the slabs are concatenated instead
+        (no in-place writes), so gradients are exact too.
+        """
+        n = x.shape[SLAB_AXIS]
+        mean, rstd = group_norm_stats(self.norm1, x, planes)
+        prepare = lambda t: F.silu(group_norm_with(self.norm1, t, mean, rstd))  # noqa: E731
+        h = assemble(x, self.conv1.out_channels, 1, planes, lambda a, b: conv_slab(self.conv1, x, a, b, prepare))
+        mean, rstd = group_norm_stats(self.norm2, h, planes)
+        prepare = lambda t: self.dropout(F.silu(group_norm_with(self.norm2, t, mean, rstd)))  # noqa: E731
+        if torch.is_grad_enabled():
+            return torch.cat([self.skip(_slab(x, a, b)) + conv_slab(self.conv2, h, a, b, prepare)
+                              for a, b in slab_ranges(n, planes)], dim=SLAB_AXIS)
+        before: torch.Tensor | None = None
+        p = self.conv2.padding[SLAB_AXIS - 2]
+        for a, b in slab_ranges(n, planes):
+            out = conv_slab(self.conv2, h, a, b, prepare, before) + self.skip(_slab(x, a, b))
+            before = _slab(h, max(0, b - p), b).clone()  # the next slab's lower context, before it is overwritten
+            _slab(h, a, b).copy_(out)
+        return h
+
 
 class Downsample3d(nn.Module):
     """Halve every spatial size with a stride-2 3x3x3 convolution (asymmetric padding, even sizes stay exact)."""
@@ -68,6 +197,17 @@ class Upsample3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, D, H, W) -> (B, C, 2D, 2H, 2W)``."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def forward_slabs(self, x: torch.Tensor, planes: int) -> torch.Tensor:
+        """:meth:`forward` computed for ``planes`` input planes (along W) at a time; exact, the convolution is local."""
+        n = x.shape[SLAB_AXIS]
+
+        def piece(a: int, b: int) -> torch.Tensor:
+            lo, hi = max(0, a - 1), min(n, b + 1)
+            up = F.interpolate(_slab(x, lo, hi), scale_factor=2.0, mode="nearest")  # planes 2*lo : 2*hi
+            return conv_slab(self.conv, up, 2 * (a - lo), 2 * (b - lo))
+
+        return assemble(x, self.conv.out_channels, 2, planes, piece)
 
 
 class AttentionBlock3d(nn.Module):

@@ -8,7 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from AutoEncoder.blocks import AttentionBlock3d, ResBlock3d, Upsample3d, group_norm
+from AutoEncoder.blocks import (
+    SLAB_AXIS,
+    AttentionBlock3d,
+    ResBlock3d,
+    Upsample3d,
+    assemble,
+    conv_slab,
+    group_norm,
+    group_norm_stats,
+    group_norm_with,
+)
 
 
 class Decoder(nn.Module):
@@ -65,3 +75,30 @@ class Decoder(nn.Module):
         for level in self.levels:
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward_slabs(self, z: torch.Tensor, planes: int) -> torch.Tensor:
+        """:meth:`forward`, computed layer by layer over the whole volume in slabs (along ``W``).
+
+        The latent-resolution part (input convolution, bottleneck blocks and their global attention) runs whole;
+        every later block runs slab by slab with GroupNorm statistics of the whole volume
+        (:meth:`ResBlock3d.forward_slabs`), so the output matches :meth:`forward` up to floating-point rounding
+        (no seams) while temporaries stay slab-sized: without autograd, memory is about two full-resolution feature
+        volumes of one block instead of every intermediate of a layer. Differentiable (gradients are exact as
+        well, but autograd keeps the slab intermediates, so it saves no memory when training).
+
+        Args:
+            z: latent ``(B, latent_channels, d, h, w)``.
+            planes: slab thickness in latent voxels (>= 1); a level ``s`` times finer than the latent uses slabs of
+                ``planes * s`` voxels, so every level is cut into the same number of slabs.
+
+        Returns:
+            ``(B, C_out, d*f, h*f, w*f)``.
+        """
+        h = self.mid(self.conv_in(z))
+        for level in self.levels:
+            for block in level:
+                h = block.forward_slabs(h, planes * (h.shape[SLAB_AXIS] // z.shape[SLAB_AXIS]))
+        planes = planes * (h.shape[SLAB_AXIS] // z.shape[SLAB_AXIS])
+        mean, rstd = group_norm_stats(self.norm_out, h, planes)
+        prepare = lambda t: F.silu(group_norm_with(self.norm_out, t, mean, rstd))  # noqa: E731
+        return assemble(h, self.conv_out.out_channels, 1, planes, lambda d0, d1: conv_slab(self.conv_out, h, d0, d1, prepare))

@@ -15,6 +15,7 @@ from AutoEncoder.patching import merge_patches, sliding_decode, split_patches
 from AutoEncoder.vector_quantizer import VectorQuantizer
 
 BOTTLENECKS = ("vq", "kl", "none")
+DECODE_MODES = ("slab", "window")
 
 
 class AutoencoderOutput(NamedTuple):
@@ -43,7 +44,10 @@ class PatchVolumeAutoencoder(nn.Module):
 
     Encoding cuts the volume into ``patch_size`` patches, runs the encoder on ``encode_chunk_size`` patches at
     a time (bounded memory) and re-tiles their latents. Decoding sees the whole latent volume; latents larger
-    than ``decode_window`` along any axis are decoded window by window (context margin + linear blending).
+    than ``decode_window`` along any axis are decoded in pieces: by default (``decode_mode="slab"``) layer by
+    layer in slabs of ``decode_slab`` latent planes with whole-volume GroupNorm statistics, which equals the full decode
+    up to rounding; ``decode_mode="window"`` decodes windows independently (each with its own normalisation
+    statistics, so faint seams remain) and blends them, which bounds memory by one window.
 
     Args:
         in_channels: image channels (1 for CT).
@@ -56,9 +60,14 @@ class PatchVolumeAutoencoder(nn.Module):
         downsample: optional check: the expected factor (int or three equal ints, e.g. ``[8, 8, 8]``).
         patch_size: patch edge for patch-wise encoding (voxels).
         encode_chunk_size: patches per encoder call.
-        decode_window: latent window edge above which decoding slides; 0 never slides.
-        decode_overlap: overlap fraction of neighbouring decode windows (cross-faded).
-        decode_halo: latent voxels of context decoded and discarded around each window.
+        decode_window: latent edge above which decoding is split (``slab`` or ``window``); 0 never splits. In
+            ``window`` mode also the window edge.
+        decode_overlap: ``window`` mode: overlap fraction of neighbouring windows (cross-faded).
+        decode_halo: ``window`` mode: latent voxels of context decoded and discarded around each window.
+        decode_mode: ``"slab"`` (exact, memory about two full-resolution feature volumes of one decoder block) or
+            ``"window"`` (approximate, memory of one window).
+        decode_slab: ``slab`` mode: slab thickness in latent planes (scaled with the resolution of each decoder
+            level); temporaries are about ``decode_slab / d`` of a feature volume for a latent of depth ``d``.
         codebook: extra :class:`VectorQuantizer` arguments (``beta``, ``decay``, ``eps``, ``dead_threshold``).
         bottleneck: ``"vq"`` (codebook), ``"kl"`` (diagonal Gaussian: the encoder emits mean and log-variance,
             see :class:`GaussianBottleneck`) or ``"none"`` (plain continuous latent); None picks ``"vq"`` when
@@ -80,6 +89,8 @@ class PatchVolumeAutoencoder(nn.Module):
         decode_window: int = 0,
         decode_overlap: float = 0.5,
         decode_halo: int = 4,
+        decode_mode: str = "slab",
+        decode_slab: int = 4,
         codebook: dict[str, Any] | None = None,
         bottleneck: str | None = None,
     ):
@@ -101,6 +112,10 @@ class PatchVolumeAutoencoder(nn.Module):
                 )
         if patch_size % factor:
             raise ValueError(f"patch_size={patch_size} must be a multiple of the downsampling factor {factor}")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode={decode_mode!r}; expected one of {DECODE_MODES}")
+        if decode_slab < 1:
+            raise ValueError(f"decode_slab must be >= 1, got {decode_slab}")
         if encode_chunk_size < 1:
             raise ValueError(f"encode_chunk_size must be >= 1, got {encode_chunk_size}")
         self.config: dict[str, Any] = {
@@ -108,7 +123,8 @@ class PatchVolumeAutoencoder(nn.Module):
             "n_codes": n_codes, "num_res_blocks": num_res_blocks, "attention_heads": attention_heads,
             "num_groups": num_groups, "downsample": factor, "patch_size": patch_size,
             "encode_chunk_size": encode_chunk_size, "decode_window": decode_window,
-            "decode_overlap": decode_overlap, "decode_halo": decode_halo,
+            "decode_overlap": decode_overlap, "decode_halo": decode_halo, "decode_mode": decode_mode,
+            "decode_slab": decode_slab,
             "codebook": dict(codebook or {}), "bottleneck": bottleneck,
         }
         self._factor = factor
@@ -117,6 +133,8 @@ class PatchVolumeAutoencoder(nn.Module):
         self.decode_window = decode_window
         self.decode_overlap = decode_overlap
         self.decode_halo = decode_halo
+        self.decode_mode = decode_mode
+        self.decode_slab = decode_slab
         moments = 2 * embedding_dim if bottleneck == "kl" else embedding_dim  # KL: mean and log-variance
         self.encoder = Encoder(in_channels, channels, moments, num_res_blocks, attention_heads, num_groups)
         self.decoder = Decoder(in_channels, channels, embedding_dim, num_res_blocks, attention_heads, num_groups)
@@ -183,7 +201,7 @@ class PatchVolumeAutoencoder(nn.Module):
         return self.decode_window > 0 and any(s > self.decode_window for s in z.shape[2:])
 
     def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-        """Volume-wise decoding (sliding with blending when the latent exceeds ``decode_window``).
+        """Volume-wise decoding; in slabs or windows (``decode_mode``) when the latent exceeds ``decode_window``.
 
         Args:
             z: ``(B, latent_channels, d, h, w)`` raw (un-normalised) latent, as :meth:`encode` returns it.
@@ -194,9 +212,11 @@ class PatchVolumeAutoencoder(nn.Module):
         """
         if quantize:
             z = self.quantize(z)
-        if self._needs_sliding(z):
-            return sliding_decode(self.decoder, z, self.decode_window, self.decode_overlap, self.decode_halo)
-        return self.decoder(z)
+        if not self._needs_sliding(z):
+            return self.decoder(z)
+        if self.decode_mode == "slab":
+            return self.decoder.forward_slabs(z, self.decode_slab)
+        return sliding_decode(self.decoder, z, self.decode_window, self.decode_overlap, self.decode_halo)
 
     def forward(self, x: torch.Tensor) -> AutoencoderOutput:
         """Encode, pass the bottleneck and decode ``(B, C, D, H, W)``; see :class:`AutoencoderOutput`."""

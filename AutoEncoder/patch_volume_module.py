@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -78,6 +79,12 @@ class PatchVolumeModule(L.LightningModule):
         grad_clip_algorithm: ``"norm"`` (``clip_grad_norm_``) or ``"value"`` (``clip_grad_value_``).
         accumulate_grad_batches: batches whose gradients are accumulated per optimiser step (>= 1). Set this
             instead of ``trainer.accumulate_grad_batches``, which Lightning ignores under manual optimisation.
+        lr_warmup_steps: optimiser steps of linear learning-rate warm-up (0: none), for G and for D (which counts its
+            own steps from the GAN start).
+        lr_decay_steps: after the warm-up the learning rate follows a half cosine that reaches ``lr_min_ratio`` of
+            its base value at this optimiser step and stays there (0: constant after the warm-up). Counted per
+            optimiser, so set it to the number of G steps of the run (``trainer.max_steps`` without the GAN).
+        lr_min_ratio: final learning rate of the cosine, as a fraction of the base learning rate.
         log_images: log MPR images of the first validation reconstruction to TensorBoard and W&B (rank zero).
         dataset_info: plain dict describing the data (intensity window, spacing), stored in the checkpoint.
         perceptual_network: a prebuilt feature network (tests); otherwise weights come from ``loss.perceptual``.
@@ -93,6 +100,9 @@ class PatchVolumeModule(L.LightningModule):
         grad_clip: float = 1.0,
         grad_clip_algorithm: str = "norm",
         accumulate_grad_batches: int = 1,
+        lr_warmup_steps: int = 0,
+        lr_decay_steps: int = 0,
+        lr_min_ratio: float = 0.0,
         log_images: bool = True,
         dataset_info: dict[str, Any] | None = None,
         perceptual_network: nn.Module | None = None,
@@ -106,13 +116,19 @@ class PatchVolumeModule(L.LightningModule):
             raise ValueError(f"grad_clip_algorithm={grad_clip_algorithm!r}; expected 'norm' or 'value'")
         if int(accumulate_grad_batches) < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if int(lr_warmup_steps) < 0 or not (lr_decay_steps == 0 or lr_decay_steps > lr_warmup_steps):
+            raise ValueError(f"lr_warmup_steps={lr_warmup_steps} must be >= 0 and lr_decay_steps={lr_decay_steps} "
+                             "0 (no decay) or larger than the warm-up")
+        if not 0.0 <= lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_min_ratio={lr_min_ratio}; expected a fraction in [0, 1]")
         merged = {**DEFAULT_LOSS, **(loss or {})}
         merged["perceptual"] = {**DEFAULT_LOSS["perceptual"], **(merged.get("perceptual") or {})}
         merged["discriminator"] = {**DEFAULT_LOSS["discriminator"], **(merged.get("discriminator") or {})}
         self.save_hyperparameters(
             {"autoencoder": dict(autoencoder), "loss": merged, "stage": stage, "stage1_checkpoint": stage1_checkpoint,
              "grad_clip": grad_clip, "grad_clip_algorithm": grad_clip_algorithm,
-             "accumulate_grad_batches": int(accumulate_grad_batches), "log_images": log_images,
+             "accumulate_grad_batches": int(accumulate_grad_batches), "lr_warmup_steps": int(lr_warmup_steps),
+             "lr_decay_steps": int(lr_decay_steps), "lr_min_ratio": float(lr_min_ratio), "log_images": log_images,
              "dataset_info": dataset_info}
         )
         self.automatic_optimization = False
@@ -157,13 +173,34 @@ class PatchVolumeModule(L.LightningModule):
         self.to(memory_format=torch.channels_last_3d)
 
     # ------------------------------------------------------------------------------------------ optimisers
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """Adam-like optimiser for the trainable autoencoder parameters, and one for the discriminator."""
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier after ``step`` optimiser steps: linear warm-up, then constant or half cosine."""
+        warm, decay, floor = self.hparams.lr_warmup_steps, self.hparams.lr_decay_steps, self.hparams.lr_min_ratio
+        if step < warm:
+            return (step + 1) / warm
+        if decay <= 0:
+            return 1.0
+        progress = min(1.0, (step - warm) / (decay - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self) -> Any:
+        """Adam-like optimiser for the trainable autoencoder parameters, and one for the discriminator; with a
+        warm-up or decay, one ``LambdaLR`` per optimiser as well (stepped in :meth:`training_step`)."""
         make = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=1e-4, betas=(0.5, 0.9)))
         opts = [make([p for p in self.autoencoder.parameters() if p.requires_grad])]
         if self.discriminator is not None:
             opts.append(make(self.discriminator.parameters()))
-        return opts
+        if self.hparams.lr_warmup_steps == 0 and self.hparams.lr_decay_steps == 0:
+            return opts
+        return opts, [torch.optim.lr_scheduler.LambdaLR(o, lambda step: self.lr_factor(step)) for o in opts]
+
+    def _step(self, index: int, optimizer: Any) -> None:
+        """Clip, step optimiser ``index`` (0: G, 1: D) and its learning-rate schedule if there is one."""
+        self._clip(optimizer)
+        optimizer.step()
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            (schedulers if isinstance(schedulers, list) else [schedulers])[index].step()
 
     def _gan_active(self, iteration: int) -> bool:
         return self.discriminator is not None and iteration >= self.loss_cfg["discriminator_iter_start"]
@@ -210,8 +247,7 @@ class PatchVolumeModule(L.LightningModule):
             opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g / accumulate)
         if last:
-            self._clip(opt_g)
-            opt_g.step()
+            self._step(0, opt_g)
         self.untoggle_optimizer(opt_g)
 
         if gan:
@@ -222,8 +258,7 @@ class PatchVolumeModule(L.LightningModule):
                 opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_d / accumulate)
             if last:
-                self._clip(opt_d)
-                opt_d.step()
+                self._step(1, opt_d)
             self.untoggle_optimizer(opt_d)
             logs["train/d_loss"] = loss_d.detach()
 
@@ -231,6 +266,7 @@ class PatchVolumeModule(L.LightningModule):
         logs.update({
             "train/loss_g": loss_g.detach(), "train/commitment": out.commitment_loss.detach(),
             "train/perplexity": out.perplexity.detach(), "train/codebook_usage": out.usage.detach(),
+            "train/lr": torch.tensor(opt_g.param_groups[0]["lr"]),
         })
         if self.autoencoder.bottleneck == "kl":
             logs["train/kl"] = out.kl_loss.detach()

@@ -161,3 +161,46 @@ def test_mpr_grid_layout() -> None:
     img = mpr_grid(vol)
     assert img.shape == (1, 12, 16 + 16 + 12)
     assert img[0, :12, :16].min() == 1.0 and img.max() <= 1.0 and img.min() >= 0.0
+
+
+class _StepRecorder(L.Callback):
+    """Per batch: did G / D weights change, and does D hold gradients."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, bool, bool, bool]] = []
+        self._before: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _weights(m: L.LightningModule, prefix: str) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for n, p in m.named_parameters() if n.startswith(prefix)]).clone()
+
+    def on_train_batch_start(self, trainer: L.Trainer, m: L.LightningModule, *args: Any) -> None:
+        self._before = {k: self._weights(m, k) for k in ("autoencoder.", "discriminator.")}
+
+    def on_train_batch_end(self, trainer: L.Trainer, m: L.LightningModule, *args: Any) -> None:
+        g_moved = not torch.equal(self._before["autoencoder."], self._weights(m, "autoencoder."))
+        d_moved = not torch.equal(self._before["discriminator."], self._weights(m, "discriminator."))
+        d_grads = any(p.grad is not None for p in m.discriminator.parameters())
+        self.rows.append((int(m.iteration) - 1, g_moved, d_moved, d_grads))
+
+
+@pytest.mark.parametrize("accumulate,expected", [
+    # (iteration, G stepped, D stepped, D has gradients); GAN from iteration 3
+    (1, [(0, True, False, False), (1, True, False, False), (2, True, False, False),
+         (3, True, True, True), (4, True, True, True)]),
+    # windows (0, 1), (2, 3), (4, 5): iteration 3 is past the start but mid-window, so D waits for window (4, 5)
+    (2, [(0, False, False, False), (1, True, False, False), (2, False, False, False), (3, True, False, False),
+         (4, False, False, True), (5, True, True, True)]),
+])
+def test_gan_switches_on_at_discriminator_iter_start(tmp_path: Path, accumulate: int, expected: list) -> None:
+    torch.manual_seed(0)
+    loss = {"perceptual_weight": 0.0, "gan_weight": 0.5, "discriminator_iter_start": 3,
+            "discriminator": {"channels": 4, "num_layers": 2}}
+    module = PatchVolumeModule(tiny_config(4, num_groups=2), loss=loss, accumulate_grad_batches=accumulate)
+    rec = _StepRecorder()
+    g_steps = sum(g for _, g, _, _ in expected)
+    d_steps = sum(d for _, _, d, _ in expected)
+    trainer = _trainer(tmp_path, max_steps=g_steps + d_steps, callbacks=[rec], enable_checkpointing=False)
+    trainer.fit(module, _loader())
+    assert rec.rows == expected
+    assert trainer.global_step == g_steps + d_steps  # Lightning counts G and D optimiser steps alike

