@@ -8,8 +8,15 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from AutoEncoder import PatchVolumeAutoencoder
+    from evaluation.generation import CTGenerator
 
 
 def peak_rss_mib() -> float:
@@ -65,3 +72,77 @@ def environment(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": name,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit}
+
+
+# ---------------------------------------------------------------------------------------------- presets
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+
+
+def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The Hydra config a training entry point would see for ``overrides`` (no run directory is made)."""
+    import hydra
+
+    with hydra.initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra.compose(config_name, overrides=list(overrides))
+
+
+def plain(cfg: object) -> dict:
+    """A resolved config node as plain dicts and lists (what networks and checkpoints take)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def network_for(network: dict, latent_edge: int) -> dict:
+    """BiFlowNet keyword arguments of a preset resized to a cubic ``latent_edge`` grid.
+
+    The X-ray edge scales with the latent (the presets pair 32^3 latents with 256^2 X-rays), rounded to a
+    whole number of X-ray patches; every other setting stays as the preset has it.
+    """
+    net = {**network, "latent_shape": [latent_edge] * 3}
+    if net.get("xray"):
+        xray = dict(net["xray"])
+        edge0, size0, patch = int(network["latent_shape"][0]), int(xray["image_size"][0]), int(xray["patch_size"])
+        size = max(patch, round(size0 * latent_edge / edge0 / patch) * patch)
+        net["xray"] = {**xray, "image_size": [size, size]}
+    return net
+
+
+def xray_size(network: dict) -> int | None:
+    """Square X-ray edge of a BiFlowNet configuration, or None without X-ray conditioning."""
+    return int(network["xray"]["image_size"][0]) if network.get("xray") else None
+
+
+def random_generator(autoencoder: PatchVolumeAutoencoder, network: dict, process: dict, device: torch.device,
+                     bf16: bool) -> CTGenerator:
+    """A :class:`CTGenerator` around randomly initialised networks (latency and memory do not depend on weights).
+
+    Args:
+        autoencoder: the autoencoder (its latent channels must equal ``network["in_channels"]``).
+        network: BiFlowNet keyword arguments (see :func:`network_for`).
+        process: Diffusion keyword arguments.
+        device: where sampling runs.
+        bf16: bf16 autocast (CUDA only, as in generation).
+    """
+    from dataset import HUWindow
+    from ddpm import BiFlowNet, Diffusion, LoadedBiFlowNet
+    from evaluation.generation import CTGenerator
+
+    if int(network["in_channels"]) != autoencoder.latent_channels:
+        raise ValueError(f"network in_channels={network['in_channels']} but the autoencoder makes "
+                         f"{autoencoder.latent_channels}-channel latents")
+    model = BiFlowNet(**network).eval().requires_grad_(False).to(device)
+    c = autoencoder.latent_channels
+    xr = model.xray_encoder
+    conditioning = {
+        "num_classes": model.num_classes, "xray_size": list(xr.image_size) if xr is not None else None,
+        "cross_attention": model.cross_attention, "back_projection": model.back_projection,
+        "latent_shape": list(model.latent_shape), "latent_channels": c, "p_uncond": None, "step": 0,
+        "adapter": None,
+    }
+    loaded = LoadedBiFlowNet(model=model, diffusion=Diffusion(**process),
+                             latent_mean=torch.zeros(1, c, 1, 1, 1, device=device),
+                             latent_std=torch.ones(1, c, 1, 1, 1, device=device),
+                             conditioning=conditioning, hparams={"network": network, "diffusion": process})
+    return CTGenerator(loaded, autoencoder.eval().requires_grad_(False).to(device), HUWindow(), (1.0, 1.0, 1.0),
+                       device, bf16)
