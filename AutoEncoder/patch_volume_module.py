@@ -79,8 +79,8 @@ class PatchVolumeModule(L.LightningModule):
         grad_clip_algorithm: ``"norm"`` (``clip_grad_norm_``) or ``"value"`` (``clip_grad_value_``).
         accumulate_grad_batches: batches whose gradients are accumulated per optimiser step (>= 1). Set this
             instead of ``trainer.accumulate_grad_batches``, which Lightning ignores under manual optimisation.
-        lr_warmup_steps: optimiser steps of linear learning-rate warm-up (0: none), for G and for D (which counts its
-            own steps from the GAN start).
+        lr_warmup_steps: optimiser steps of linear learning-rate warm-up (0: none; at most half of ``lr_decay_steps``
+            when that is set), for G and for D (which counts its own steps from the GAN start).
         lr_decay_steps: after the warm-up the learning rate follows a half cosine that reaches ``lr_min_ratio`` of
             its base value at this optimiser step and stays there (0: constant after the warm-up). Counted per
             optimiser, so set it to the number of G steps of the run (``trainer.max_steps`` without the GAN).
@@ -116,9 +116,9 @@ class PatchVolumeModule(L.LightningModule):
             raise ValueError(f"grad_clip_algorithm={grad_clip_algorithm!r}; expected 'norm' or 'value'")
         if int(accumulate_grad_batches) < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
-        if int(lr_warmup_steps) < 0 or not (lr_decay_steps == 0 or lr_decay_steps > lr_warmup_steps):
-            raise ValueError(f"lr_warmup_steps={lr_warmup_steps} must be >= 0 and lr_decay_steps={lr_decay_steps} "
-                             "0 (no decay) or larger than the warm-up")
+        if int(lr_warmup_steps) < 0 or int(lr_decay_steps) < 0:
+            raise ValueError(f"lr_warmup_steps={lr_warmup_steps} and lr_decay_steps={lr_decay_steps}; expected "
+                             "non-negative step counts")
         if not 0.0 <= lr_min_ratio <= 1.0:
             raise ValueError(f"lr_min_ratio={lr_min_ratio}; expected a fraction in [0, 1]")
         merged = {**DEFAULT_LOSS, **(loss or {})}
@@ -176,6 +176,8 @@ class PatchVolumeModule(L.LightningModule):
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier after ``step`` optimiser steps: linear warm-up, then constant or half cosine."""
         warm, decay, floor = self.hparams.lr_warmup_steps, self.hparams.lr_decay_steps, self.hparams.lr_min_ratio
+        if decay > 0:
+            warm = min(warm, decay // 2)  # a short run keeps the same shape: at most half of it warms up
         if step < warm:
             return (step + 1) / warm
         if decay <= 0:

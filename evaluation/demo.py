@@ -151,7 +151,9 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     t = time.perf_counter()
     gen = CTGenerator.from_checkpoints(bf_ckpt, ae_ckpt, device="cpu")
     from dataset import load_xray
+    from evaluation.xray_inputs import manifest_geometries
 
+    geometries = manifest_geometries(manifest, test_rows)  # each pair's own (jittered) DRR geometry
     runs = {"generated": guidance} if not guidance.active else {"generated": guidance, "generated_unguided": 0.0}
     volumes: dict[str, dict] = {name: {} for name in runs}
     seconds = {name: 0.0 for name in runs}
@@ -163,7 +165,7 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
             g = torch.Generator().manual_seed(seed * 100003 + i)
             start = time.perf_counter()
             samples = gen.sample(ap, lat, None, num_samples, "ddim", inference_steps, 1.0, g,
-                                 projection_guidance=setting)
+                                 projection_guidance=setting, geometry=geometries.get(str(row.subject_id)))
             seconds[name] += time.perf_counter() - start
             write_generation(gen, samples, out / name / f"{row.subject_id}.nii.gz")
             volumes[name][row.subject_id] = (samples, ap, lat)

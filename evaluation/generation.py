@@ -14,6 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torchio as tio
@@ -182,12 +183,12 @@ class CTGenerator:
                 raise ValueError(f"label={label!r} is invalid; expected an integer in [0, {self.num_classes})")
         settings = (projection_guidance if isinstance(projection_guidance, GuidanceSettings)
                     else GuidanceSettings(weight=projection_guidance))
+        guide_geometry = geometry or self.training_geometry  # the network keeps its own when none is given
         if settings.active:
             if ap is None or lat is None:
                 raise ValueError(f"projection_guidance={settings.weight:g} (refine_steps={settings.refine_steps}) "
                                  "needs an AP and a LAT X-ray to agree with; use 0 without them")
-            geometry = geometry or self.training_geometry
-            if geometry is None:
+            if guide_geometry is None:
                 raise ValueError("projection guidance needs the DRR geometry of the X-rays, and the checkpoints "
                                  "record none; pass a geometry or turn guidance off (projection_guidance=0)")
         cfg = self.biflownet.conditioning
@@ -216,7 +217,7 @@ class CTGenerator:
             hook = None
             if settings.active:
                 hook = ProjectionGuidance(partial(self.decode, quantize=settings.quantize), ap.to(self.device),
-                                          lat.to(self.device), self.spacing, geometry, self.window, settings,
+                                          lat.to(self.device), self.spacing, guide_geometry, self.window, settings,
                                           num_inference_steps)
             with self._autocast():
                 z = self.biflownet.diffusion.sample(

@@ -204,3 +204,36 @@ def test_gan_switches_on_at_discriminator_iter_start(tmp_path: Path, accumulate:
     trainer.fit(module, _loader())
     assert rec.rows == expected
     assert trainer.global_step == g_steps + d_steps  # Lightning counts G and D optimiser steps alike
+
+
+def test_learning_rate_schedule_warms_up_then_follows_a_half_cosine_to_its_floor() -> None:
+    off = {"perceptual_weight": 0.0, "gan_weight": 0.0}
+    module = PatchVolumeModule(tiny_config(4), loss=off, lr_warmup_steps=10, lr_decay_steps=110, lr_min_ratio=0.1)
+    assert [module.lr_factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert module.lr_factor(10) == pytest.approx(1.0)
+    assert module.lr_factor(60) == pytest.approx(0.55)  # half way through the cosine: (1 + floor) / 2
+    assert module.lr_factor(110) == pytest.approx(0.1) and module.lr_factor(500) == pytest.approx(0.1)
+    # a run shorter than the warm-up keeps the shape: at most half of it warms up
+    short = PatchVolumeModule(tiny_config(4), loss=off, lr_warmup_steps=20, lr_decay_steps=8, lr_min_ratio=0.0)
+    assert short.lr_factor(3) == pytest.approx(1.0) and short.lr_factor(8) == pytest.approx(0.0)
+    assert PatchVolumeModule(tiny_config(4), loss=off).configure_optimizers().__class__ is list  # no scheduler
+    with pytest.raises(ValueError, match="non-negative"):
+        PatchVolumeModule(tiny_config(4), loss=off, lr_decay_steps=-1)
+    with pytest.raises(ValueError, match="lr_min_ratio"):
+        PatchVolumeModule(tiny_config(4), loss=off, lr_min_ratio=1.5)
+
+
+def test_learning_rate_schedule_is_stepped_by_training(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = PatchVolumeModule(tiny_config(4), loss={"perceptual_weight": 0.0, "gan_weight": 0.0},
+                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), lr_warmup_steps=2,
+                               lr_decay_steps=6, lr_min_ratio=0.25)
+    seen: list[float] = []
+
+    class _Lr(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, m: L.LightningModule, *args: Any) -> None:
+            seen.append(m.optimizers().param_groups[0]["lr"])
+
+    _trainer(tmp_path, max_steps=7, callbacks=[_Lr()], enable_checkpointing=False).fit(module, _loader())
+    assert seen == pytest.approx([1e-3 * module.lr_factor(s) for s in range(7)])
+    assert seen[0] == pytest.approx(5e-4) and seen[-1] == pytest.approx(2.5e-4)

@@ -164,7 +164,7 @@ def test_bad_inputs_exit_2_and_write_nothing(problem: str, tiny_prepared_dataset
     out = tmp_path / "eval"
     code, _, err = _run(capsys, "--pred", pred, "--ref", ref, *extra, "--out", out)
     assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
+    assert err.startswith("python -m evaluation.evaluate: error: ") and err.count("\n") == 1 and expect in err, err
     assert not out.exists()
 
 

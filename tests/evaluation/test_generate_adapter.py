@@ -95,4 +95,4 @@ def test_adapter_that_does_not_fit_exits_2_naming_it(checkpoints, adapters, pair
     assert code == 2 and "fingerprint" in err and str(checkpoints["xray"].resolve()) in err
     code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--adapter", tmp_path / "missing",
                                       "--ap", ap, "--lat", lat, "--output", out], capsys)
-    assert code == 2 and "adapter folder not found" in err
+    assert code == 2 and "missing: no such folder; expected a LoRA adapter folder" in err and err.count("\n") == 1

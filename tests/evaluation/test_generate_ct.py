@@ -264,7 +264,7 @@ def test_guidance_scale_two_from_the_command_line(checkpoints, pair, tmp_path, c
     # so that guidance moves the latents across codebook cells and shows in the decoded volume
     ckpt = torch.load(checkpoints["xray"], weights_only=True)
     for name in ("null_tokens", "null_pooled"):
-        ckpt["state_dict"][f"ema_model.xray_encoder.{name}"].fill_(50.0)
+        ckpt["state_dict"][f"ema_model.xray.encoder.{name}"].fill_(50.0)
     torch.save(ckpt, tmp_path / "strong_null.ckpt")
     ap, lat, _ = pair
     common = ["--checkpoint", tmp_path / "strong_null.ckpt", "--ap", ap, "--lat", lat, "--num-inference-steps", 2,
