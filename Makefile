@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup test demo bench mutate clean
+.PHONY: setup test test-all demo bench mutate clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,12 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	@touch $@
 
+# `make test`: everything but the tests marked slow (multi-process DDP, kill-and-resume, end-to-end demo and
+# benchmark dry runs, subprocess CLIs), a few minutes on 2 cores; `make test-all`: the whole suite (what CI runs).
 test: $(STAMP)
+	@$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	@$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -110,8 +110,13 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 def bf16(device: torch.device):
-    """bf16 autocast on the given device type."""
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast on a GPU; fp32 on the CPU (a dry run), where most CPUs only emulate bf16 and run slower."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def precision_of(device: torch.device) -> str:
+    """What :func:`bf16` runs on ``device``, for the JSON."""
+    return "bf16 autocast" if device.type == "cuda" else "fp32 (CPU dry run)"
 
 
 def peak_tflops(device: torch.device) -> tuple[float | None, str]:
@@ -226,7 +231,7 @@ def piece_train_step(args: argparse.Namespace) -> dict:
                         "hfu": executed / sec / 1e12 / peak if peak else None, "peak_gpu_gib": mem})
     return {"experiment": s.dit_experiment, "latent_shape": [net["in_channels"], *net["latent_shape"]],
             "xray_size": xray_size(net), "grad_checkpointing": bool(net.get("grad_checkpointing")),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "precision": "bf16 autocast",
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "precision": precision_of(device),
             "optimizer": cfg.optimizer._target_, "peak_bf16_tflops": peak, "peak_basis": basis,
             "mfu_basis": "model FLOPs (forward + backward, no recomputation; torch.utils.flop_counter) / step time "
                          "/ peak",
@@ -401,7 +406,7 @@ def piece_codec(args: argparse.Namespace) -> dict:
                      "sliding": window > 0 and any(n > window for n in z.shape[2:])})
         del x, z, rec
     return {"autoencoder": ae_cfg, "params_m": sum(p.numel() for p in ae.parameters()) / 1e6,
-            "precision": "bf16 autocast", "weights": "random", "sizes": rows}
+            "precision": precision_of(device), "weights": "random", "sizes": rows}
 
 
 def piece_generate(args: argparse.Namespace) -> dict:

@@ -15,6 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
+
+if torch.ops.aten.mkldnn_convolution.default not in flop_registry:  # torch counts aten.convolution only
+
+    @register_flop_formula(torch.ops.aten.mkldnn_convolution)
+    def _onednn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        """FLOPs of the oneDNN convolutions below, so that ``torch.utils.flop_counter`` sees them too."""
+        return conv_flop_count(x_shape, w_shape, out_shape)
+
 
 # PyTorch's own threshold (ATen ConvParams::use_mkldnn): at or below it, a batch-1 float conv3d is not oneDNN's
 _SLOW_PATH_ELEMENTS = 20480

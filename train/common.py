@@ -33,22 +33,24 @@ from dataset.checkpoint import read_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------- threads
-def configure_threads(threads: int | str | None) -> int:
-    """Apply the ``threads`` option: ``auto``/None (cores / local processes / 2, at least 1) or a positive int.
+#: torch's own intra-op thread count, read before any run changes it
+_DEFAULT_THREADS = torch.get_num_threads()
 
-    ``auto`` halves the share of each process because tiny CPU kernels on a shared, busy machine run
-    several times faster without OpenMP spin-waiting on every core; an explicit ``OMP_NUM_THREADS``
-    wins over ``auto``.
+
+def configure_threads(threads: int | str | None) -> int:
+    """Apply the ``threads`` option: ``auto``/None (torch's default share per local process) or a positive int.
+
+    ``auto`` gives each of the node's processes (``LOCAL_WORLD_SIZE``) an equal share of the threads torch
+    would use on its own (its default: the physical cores, or ``OMP_NUM_THREADS``), at least 1. On a busy
+    shared machine ``threads=1`` can be several times faster for tiny CPU runs (no OpenMP spin-waiting on
+    cores that other jobs hold).
 
     Returns:
         The number of intra-op threads set.
     """
     if threads is None or threads == "auto":
-        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-            n = int(os.environ["OMP_NUM_THREADS"])
-        else:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-            n = (os.cpu_count() or 1) // (2 * max(local, 1))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        n = _DEFAULT_THREADS // max(local, 1)
     else:
         try:
             n = int(threads)

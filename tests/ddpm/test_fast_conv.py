@@ -90,3 +90,18 @@ def test_cpu_bf16_autocast_computes_in_fp32_only_where_bf16_is_emulated(native: 
         assert (mixed.float() - fp32).abs().max() > 1e-4
     else:
         assert mixed.dtype == torch.float32 and torch.equal(mixed, fp32)
+
+
+def test_flop_counter_counts_the_onednn_path_like_the_ordinary_one() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    fast, plain = FastConv3d(4, 8, 3, padding=1), nn.Conv3d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6, 6, requires_grad=True)
+    assert takes_slow_path(x, fast.weight, fast.dilation, fast.groups)
+    counts = []
+    for conv in (fast, plain):
+        with FlopCounterMode(display=False) as counter:
+            conv(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
