@@ -62,7 +62,10 @@ class XrayOptions:
             if len(spacing) not in (1, 2):
                 raise ValueError(f"--pixel-spacing takes ROW [COL] mm, got {len(spacing)} values")
             spacing = (spacing[0], spacing[-1])
-        return cls(tuple(args.ap_ops), tuple(args.lat_ops), spacing, args.sdd, args.sid, args.harmonize)
+        harmonize = args.harmonize
+        if harmonize is None:  # a prepared dataset's X-rays are DRRs of the training kind; radiographs are not
+            harmonize = "none" if getattr(args, "manifest", None) is not None else "auto"
+        return cls(tuple(args.ap_ops), tuple(args.lat_ops), spacing, args.sdd, args.sid, harmonize)
 
 
 def add_xray_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,9 +82,10 @@ def add_xray_arguments(p: argparse.ArgumentParser) -> None:
                    help="source-to-detector distance (default: DICOM tag, else the model's)")
     g.add_argument("--sid", type=number(float, min=0, min_open=True), default=None, metavar="MM",
                    help="source-to-isocentre distance (default: DICOM tags, else the model's magnification)")
-    g.add_argument("--harmonize", choices=HARMONIZE, default="auto",
+    g.add_argument("--harmonize", choices=HARMONIZE, default=None,
                    help="match the input intensity to the training X-rays (auto: when the checkpoint has their "
-                   "statistics; default) or use it as read (none)")
+                   "statistics) or use it as read (none); default auto for one pair, none with --manifest (a "
+                   "prepared dataset's DRRs are already of the training kind)")
     g.add_argument("--preview", type=Path, default=None, metavar="PNG",
                    help="save the inputs as the model receives them beside the training look, with the steps; "
                    "without --output / --output-dir only the preview is made (no sampling)")
