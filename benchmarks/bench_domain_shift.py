@@ -100,16 +100,19 @@ def write_dicom_pair(folder: Path, volume: torch.Tensor, info: DatasetInfo, seed
 
 
 @torch.no_grad()
-def sample_batch(gen, aps: torch.Tensor, lats: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+def sample_batch(gen, aps: torch.Tensor, lats: torch.Tensor, noise: torch.Tensor, steps: int,
+                 geometry: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM volumes for a batch of conditions: ``(B, 1, H, W)`` X-rays, ``(B, C, d, h, w)`` starting noise.
 
-    The same computation as ``CTGenerator.sample`` (guidance 1, deterministic DDIM) with one
-    condition per batch row, so that every style of a subject is sampled in one batch from the
-    same noise. Returns ``(B, 1, D, H, W)`` in [-1, 1].
+    The same computation as ``CTGenerator.sample`` (guidance 1, deterministic DDIM, no projection guidance)
+    with one condition per batch row, so that every style of a subject is sampled in one batch from the
+    same noise. ``geometry``: ``(B, 2, 10)`` packed geometry of each pair (None: the training geometry).
+    Returns ``(B, 1, D, H, W)`` in [-1, 1].
     """
     from ddpm import guided
 
-    model_fn = guided(gen.biflownet.model, 1.0, ap=aps.to(gen.device), lat=lats.to(gen.device))
+    cond = {"geometry": geometry.to(gen.device)} if geometry is not None else {}
+    model_fn = guided(gen.biflownet.model, 1.0, ap=aps.to(gen.device), lat=lats.to(gen.device), **cond)
     z = gen.biflownet.diffusion.sample(model_fn, noise.to(gen.device), None, num_inference_steps=steps, sampler="ddim")
     return torch.cat([gen.autoencoder.decode(gen.biflownet.denormalize(z[i:i + 1].float()), quantize=True).clamp(-1, 1)
                       for i in range(z.shape[0])]).cpu()
@@ -120,7 +123,8 @@ def run(out: Path, styles: Sequence[str], harmonize: Sequence[str], num_samples:
     """Generate and score every (subject, style, harmonisation); returns the JSON record."""
     from evaluation.generation import CTGenerator
     from evaluation.metrics import volume_metrics
-    from evaluation.xray_inputs import XrayOptions, intensity_reference, prepare_pair, training_geometry
+    from evaluation.xray_inputs import (XrayOptions, intensity_reference, manifest_geometries, prepare_pair,
+                                        training_geometry)
 
     data = out / "data"
     checkpoint = checkpoint or out / "biflownet" / "checkpoints" / "last.ckpt"
@@ -131,6 +135,7 @@ def run(out: Path, styles: Sequence[str], harmonize: Sequence[str], num_samples:
     test = Manifest.load(data / "manifest.csv").split("test")
     if limit:
         test = test.iloc[:limit]
+    own = manifest_geometries(data / "manifest.csv", test)  # each pair's own (possibly jittered) geometry
     gen = CTGenerator.from_checkpoints(checkpoint, device="cpu")
     cfg = gen.biflownet.conditioning
     size = cfg["xray_size"]
@@ -148,7 +153,7 @@ def run(out: Path, styles: Sequence[str], harmonize: Sequence[str], num_samples:
         for i, row in enumerate(test.itertuples()):
             volume, _ = image_to_volume(read_ct(row.ct))
             ref = info.window.to_unit(volume.float())
-            aps, lats = [], []
+            aps, lats, geoms = [], [], []
             for style in styles:
                 folder = tmp / f"{row.subject_id}_{style}"
                 folder.mkdir()
@@ -160,12 +165,13 @@ def run(out: Path, styles: Sequence[str], harmonize: Sequence[str], num_samples:
                     for path, source in ((ap, row.ap), (lat, row.lat)):
                         torch.save(RadiographStyle.apply(read_radiograph(source).image,
                                                          {**STYLES[style], "noise_seed": seed + i}), path)
-                    known = info.geometry
+                    known = own.get(str(row.subject_id), info.geometry)
                 for h in harmonize:
                     inputs = prepare_pair(ap, lat, size, geometry, reference, XrayOptions(harmonize=h), known)
                     gen.check_xrays(inputs.ap.image, inputs.lat.image)
                     aps.append(inputs.ap.image)
                     lats.append(inputs.lat.image)
+                    geoms.append((inputs.geometry or geometry).to_tensor() if (inputs.geometry or geometry) else None)
             # the noise CTGenerator.sample would draw with this seed, shared by every style: a paired comparison
             noise = torch.randn((num_samples, cfg["latent_channels"], *cfg["latent_shape"]),
                                 generator=torch.Generator().manual_seed(seed + i))
@@ -173,9 +179,11 @@ def run(out: Path, styles: Sequence[str], harmonize: Sequence[str], num_samples:
             volumes = []
             for start in range(0, len(rows), batch_size):
                 part = rows[start:start + batch_size]
+                packed = [geoms[c] for c, _ in part]
                 volumes.append(sample_batch(gen, torch.stack([aps[c] for c, _ in part]),
                                             torch.stack([lats[c] for c, _ in part]),
-                                            torch.stack([noise[k] for _, k in part]), steps))
+                                            torch.stack([noise[k] for _, k in part]), steps,
+                                            torch.stack(packed) if all(g is not None for g in packed) else None))
             volumes = torch.cat(volumes).reshape(len(configs), num_samples, *volumes[0].shape[1:])
             for (style, h), samples in zip(configs, volumes):
                 m = volume_metrics(samples.mean(0), ref, info.window)
