@@ -17,6 +17,7 @@ cohort (the demo's default geometry).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -76,17 +77,19 @@ def run(demo: Path, cohorts: Sequence[str], subjects: int, seed: int, num_sample
     for name in cohorts:
         t0 = time.perf_counter()
         data, out = work / name / "data", work / name / "generated"
-        code = prepare_demo.main(["--out", str(data), "--subjects", str(subjects), "--seed", str(seed), "--size",
-                                  str(size), "--no-progress", *COHORTS[name]])
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
+            code = prepare_demo.main(["--out", str(data), "--subjects", str(subjects), "--seed", str(seed), "--size",
+                                      str(size), "--no-progress", *COHORTS[name]])
         if code != 0:
             raise ValueError(f"cohort {name}: prepare_demo failed (exit {code}, see above)")
         info = DatasetInfo.load(data)
         rows = Manifest.load(data / "manifest.csv").frame
         for split in sorted(set(rows.split)):
-            code = generate_ct.main(["--checkpoint", str(ckpt), "--manifest", str(data / "manifest.csv"), "--split",
-                                     split, "--output-dir", str(out), "--num-samples", str(num_samples),
-                                     "--num-inference-steps", str(inference_steps), "--seed", str(seed),
-                                     "--no-progress", "--overwrite"])
+            with contextlib.redirect_stdout(sys.stderr):
+                code = generate_ct.main(["--checkpoint", str(ckpt), "--manifest", str(data / "manifest.csv"),
+                                         "--split", split, "--output-dir", str(out), "--num-samples", str(num_samples),
+                                         "--num-inference-steps", str(inference_steps), "--seed", str(seed),
+                                         "--no-progress", "--overwrite"])
             if code != 0:
                 raise ValueError(f"cohort {name}: generate_ct failed on split {split} (exit {code}, see above)")
         per = {}

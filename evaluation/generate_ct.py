@@ -12,7 +12,7 @@ Batch over a manifest split (one ``<subject_id>.nii.gz`` per subject)::
 X-rays may be DICOM (CR / DX / ...), PNG / JPEG / TIFF, 2-D NIfTI or ``.pt``: each is read into the
 display convention (DICOM tags, ``--ap-ops`` / ``--lat-ops``), mapped onto the model's detector in
 millimetres (``--pixel-spacing`` / ``--sdd`` / ``--sid`` for files without tags) and matched to the
-training X-ray intensity (``--harmonize auto``); the steps are printed and written to ``<name>.json``
+training X-ray intensity with ``--harmonize auto`` (off by default); the steps are printed and written to ``<name>.json``
 beside each output. ``--preview PNG`` draws the pair as the model receives it (alone, without
 ``--output`` / ``--output-dir``, it samples nothing). With ``--num-samples K > 1`` the output is the mean of K samples, written beside
 ``<name>_std.nii.gz`` (per-voxel standard deviation in HU: the model's uncertainty) and each sample

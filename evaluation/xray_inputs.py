@@ -6,7 +6,7 @@ What ``evaluation.generate_ct`` does with each input pair before sampling:
    display convention, with the view's geometry when the file (or the options) tell it;
 2. :func:`dataset.radiograph.to_detector`: onto the model's detector (its rows x cols and its field of
    view at the isocentre; crop / pad, never stretch);
-3. harmonisation (``--harmonize auto``): the intensity matched to the training X-rays' statistics
+3. harmonisation (``--harmonize auto``, off by default): the intensity matched to the training X-rays' statistics
    stored in the checkpoint (:class:`dataset.xray_harmonization.IntensityReference`).
 
 Every step is listed (:attr:`XrayInputs.steps`): printed to the log, drawn in ``--preview`` and written
@@ -40,7 +40,8 @@ class XrayOptions:
         ap_ops, lat_ops: orientation ops applied after the tag-based orientation.
         pixel_spacing: detector pitch ``(row, col)`` mm for files that carry none (and over the file's).
         sdd, sid: source-to-detector / source-to-isocentre distances, mm (over the file's).
-        harmonize: ``"auto"`` (match the training intensity when the checkpoint has its statistics) or ``"none"``.
+        harmonize: ``"none"`` (default: as read) or ``"auto"`` (match the training intensity when the checkpoint
+            has its statistics).
     """
 
     ap_ops: tuple[str, ...] = ()
@@ -48,7 +49,7 @@ class XrayOptions:
     pixel_spacing: tuple[float, float] | None = None
     sdd: float | None = None
     sid: float | None = None
-    harmonize: str = "auto"
+    harmonize: str = "none"
 
     def __post_init__(self) -> None:
         if self.harmonize not in HARMONIZE:
@@ -62,10 +63,7 @@ class XrayOptions:
             if len(spacing) not in (1, 2):
                 raise ValueError(f"--pixel-spacing takes ROW [COL] mm, got {len(spacing)} values")
             spacing = (spacing[0], spacing[-1])
-        harmonize = args.harmonize
-        if harmonize is None:  # a prepared dataset's X-rays are DRRs of the training kind; radiographs are not
-            harmonize = "none" if getattr(args, "manifest", None) is not None else "auto"
-        return cls(tuple(args.ap_ops), tuple(args.lat_ops), spacing, args.sdd, args.sid, harmonize)
+        return cls(tuple(args.ap_ops), tuple(args.lat_ops), spacing, args.sdd, args.sid, args.harmonize)
 
 
 def add_xray_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,10 +80,10 @@ def add_xray_arguments(p: argparse.ArgumentParser) -> None:
                    help="source-to-detector distance (default: DICOM tag, else the model's)")
     g.add_argument("--sid", type=number(float, min=0, min_open=True), default=None, metavar="MM",
                    help="source-to-isocentre distance (default: DICOM tags, else the model's magnification)")
-    g.add_argument("--harmonize", choices=HARMONIZE, default=None,
-                   help="match the input intensity to the training X-rays (auto: when the checkpoint has their "
-                   "statistics) or use it as read (none); default auto for one pair, none with --manifest (a "
-                   "prepared dataset's DRRs are already of the training kind)")
+    g.add_argument("--harmonize", choices=HARMONIZE, default="none",
+                   help="use the input intensity as read (none, default: models trained with the radiograph-style "
+                   "augmentation measured best so, see benchmarks/RESULTS.md) or match it to the training X-rays' "
+                   "statistics stored in the checkpoint (auto)")
     g.add_argument("--preview", type=Path, default=None, metavar="PNG",
                    help="save the inputs as the model receives them beside the training look, with the steps; "
                    "without --output / --output-dir only the preview is made (no sampling)")

@@ -135,7 +135,7 @@ def test_batch_mode_over_manifest_split(checkpoints, tiny_prepared_dataset, tmp_
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.nii.gz" for i in ids] + [f"{i}.json" for i in ids])
     side = json.loads((out / f"{ids[0]}.json").read_text())  # the prepared dataset's geometry was used
     assert any("geometry of the prepared dataset" in step for step in side["steps"])
-    assert side["harmonization"] == "none"  # a prepared dataset's DRRs are of the training kind: not remapped
+    assert side["harmonization"] == "none"  # the default: intensities as read
     code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--manifest", tiny_prepared_dataset,
                                       "--split", "test", "--output-dir", out, "--num-inference-steps", 1,
                                       "--no-progress", "--overwrite", "--harmonize", "auto"], capsys)

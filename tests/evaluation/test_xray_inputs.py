@@ -97,7 +97,7 @@ def test_harmonisation_brings_a_processed_drr_back(tiny_prepared_dataset, datase
         torch.save(RadiographStyle.apply(image, style), paths[view])
     size = dataset_info.geometry.detector_size
     none = prepare_pair(paths["AP"], paths["LAT"], size, dataset_info.geometry, reference, XrayOptions(harmonize="none"))
-    auto = prepare_pair(paths["AP"], paths["LAT"], size, dataset_info.geometry, reference, XrayOptions())
+    auto = prepare_pair(paths["AP"], paths["LAT"], size, dataset_info.geometry, reference, XrayOptions(harmonize="auto"))
     assert auto.harmonized and not none.harmonized
     for view in ("AP", "LAT"):
         r_none, r_auto = getattr(none, view.lower()), getattr(auto, view.lower())
@@ -132,7 +132,8 @@ def test_dicom_pair_cli_writes_sidecar_and_preview(checkpoints, tiny_prepared_da
     lat = finer_dicom(tmp_path / "lat.dcm", read_radiograph(row["lat"]).image, dataset_info.geometry, "LAT", mirrored=False)
     out, preview = tmp_path / "ct.nii.gz", tmp_path / "preview.png"
     code = generate_ct.main([str(a) for a in ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat,
-                                              "--output", out, "--preview", preview, "--num-inference-steps", 1]])
+                                              "--output", out, "--preview", preview, "--num-inference-steps", 1,
+                                              "--harmonize", "auto"]])
     log = capsys.readouterr().out
     assert code == 0 and out.is_file() and preview.is_file()
     side = json.loads(sidecar(out).read_text())
