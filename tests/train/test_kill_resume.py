@@ -70,7 +70,7 @@ def test_biflownet_killed_and_resumed_equals_uninterrupted(latent_dataset: Path,
     # 6 training subjects, batch 2: an epoch is 3 steps; checkpoints (and validation) at every epoch end
     common = ["experiment=biflownet_tiny", f"paths.data_dir={latent_dataset}", "logger=none", "trainer.val_check_interval=3",
               "trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_train_steps=3", "network.xray.image_size=[32,32]",
-              "trainer.enable_progress_bar=false"]
+              "trainer.enable_progress_bar=false", "threads=1"]  # one thread in every run: the same float order
     reference = run(_compose("train_BiFlowNet", [*common, f"paths.output_dir={tmp_path / 'ref'}", "trainer.max_steps=6"]))
     out = tmp_path / "killed"
     killed_at = _kill_after_checkpoint("train.train_BiFlowNet", [*common, f"paths.output_dir={out}", "trainer.max_steps=1000"],
@@ -89,7 +89,8 @@ def test_autoencoder_killed_and_resumed_equals_uninterrupted(tiny_prepared_datas
     # 6 training subjects, one 16^3 patch each, batch 2 (no GAN: one optimiser step per batch): an epoch is 3 steps
     common = ["experiment=ae_tiny", f"paths.data_dir={tiny_prepared_dataset.parent}", "logger=none",
               "loss.gan_weight=0", "data.samples_per_volume=1", "data.queue_length=4", "trainer.val_check_interval=3",
-              "trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_train_steps=3", "trainer.enable_progress_bar=false"]
+              "trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_train_steps=3", "trainer.enable_progress_bar=false",
+              "threads=1"]  # one thread in every run: the same float order
     reference = run(_compose("train_PatchVolume", [*common, f"paths.output_dir={tmp_path / 'ref'}", "trainer.max_steps=6"]))
     out = tmp_path / "killed"
     killed_at = _kill_after_checkpoint("train.train_PatchVolume", [*common, f"paths.output_dir={out}", "trainer.max_steps=1000"],
