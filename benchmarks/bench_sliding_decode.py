@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result: dict[str, Any] = {"benchmark": "sliding_decode", **environment(torch.device("cpu"))}
     if not args.no_seams:
-        model = load_autoencoder(args.checkpoint) if args.checkpoint else demo_autoencoder()
+        model = load_autoencoder(args.checkpoint).model if args.checkpoint else demo_autoencoder()
         result["weights"] = str(args.checkpoint) if args.checkpoint else "random (demo preset)"
         result["seams"] = seam_table(model, args.size, args.window, args.overlap, args.halos, args.slabs, args.repeats)
 
