@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from omegaconf import DictConfig
 
 from dataset.cli import BAD_INPUT
 from dataset.checkpoint import read_checkpoint
+from dataset.io import atomic_write
 
 
 # ----------------------------------------------------------------------------------------------- threads
@@ -179,17 +179,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
             with contextlib.suppress(OSError):
                 stale.unlink()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, "wb") as f:  # temporary file, fsync, os.replace
+            torch.save(checkpoint, f)
 
 
 # ------------------------------------------------------------------------------------------- run state
