@@ -234,7 +234,7 @@ def official_comparison(root: Path, latent_sizes: list[int], precisions: list[st
         cfg = preset("base", size)
         ours = BiFlowNet(**cfg)
         official = official_cls(dim=cfg["model_channels"], dim_mults=tuple(cfg["channel_mults"]), channels=cfg["in_channels"],
-                                cond_classes=cfg["num_classes"], use_sparse_linear_attn=[int(i in cfg["attn_levels"])
+                                cond_classes=cfg["num_classes"] or None, use_sparse_linear_attn=[int(i in cfg["attn_levels"])
                                                                                         for i in range(len(cfg["channel_mults"]))],
                                 sub_volume_size=(cfg["sub_volume"],) * 3, patch_size=cfg["token_patch"],
                                 DiT_num_heads=cfg["dit_heads"], resnet_groups=cfg["norm_groups"], vq_size=64,
@@ -249,7 +249,7 @@ def official_comparison(root: Path, latent_sizes: list[int], precisions: list[st
         def step_official(bf16: bool) -> None:
             noise, t = torch.randn_like(z), torch.randint(0, 1000, (1,))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.mse_loss(official(z + noise, t, y=cond["y"], res=res).float(), noise)
+                loss = F.mse_loss(official(z + noise, t, y=cond.get("y"), res=res).float(), noise)
             loss.backward()
             opt_official.step()
             opt_official.zero_grad(set_to_none=True)
