@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.drr import VIEWS, ViewGeometry
+from dataset.io import _is_dicom_file
 
 #: Orientation ops (applied in order): swap rows and columns, reverse the rows, reverse the columns.
 XRAY_OPS = ("transpose", "flip-rows", "flip-cols")
@@ -222,7 +223,7 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
     from pydicom.pixels import apply_modality_lut
 
     try:
-        ds = pydicom.dcmread(str(path), force=not _has_preamble(path))
+        ds = pydicom.dcmread(str(path), force=not _is_dicom_file(path))
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{path}: cannot be read as a DICOM file ({type(e).__name__}: {_first_line(e)})") from None
     if len(ds) == 0:
@@ -301,14 +302,6 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
     px.laterality = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
     _dicom_geometry(ds, px, path)
     return px
-
-
-def _has_preamble(path: Path) -> bool:
-    with contextlib.suppress(OSError):
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    return False
 
 
 def _first_line(err: BaseException) -> str:
