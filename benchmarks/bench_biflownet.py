@@ -21,7 +21,8 @@ X-ray-conditioned ``base`` preset against the official 3D MedDiffusion BiFlowNet
 depth, imported from a checkout of that project in ``DIR`` (read-only, never copied here), interleaved in
 one process with the same thread count, in fp32 and under bf16 autocast; each network with its own
 training optimiser (ours: ``config/optimizer/adamw.yaml``; official: ``torch.optim.AdamW``, or the same
-fused AdamW as ours with ``--official-optimizer fused``). Medians and ratios (ours / official).
+fused AdamW as ours with ``--official-optimizer fused``). Ours runs as shipped (activation checkpointing on)
+and without recompute, like the official. Medians and ratios (ours / official).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks.common import einops_exts_stub, import_official
 from dataset.cli import OneLineParser, number, run_cli
 from ddpm import BiFlowNet, BiFlowNetModule, Diffusion, count_parameters
 
@@ -202,44 +204,37 @@ def geometry_study(name: str, latent_size: int | None, batch: int, steps: int, d
 
 def _load_official(root: Path):
     """The official BiFlowNet class from ``root/ddpm/BiFlowNet.py`` (imported by path, never copied)."""
-    import importlib.util
-    import types
-
-    path = Path(root) / "ddpm" / "BiFlowNet.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; expected a checkout of the official 3D MedDiffusion")
+    stubs = {}
     try:
         import einops_exts  # noqa: F401
     except ImportError:  # an import-only dependency of that file; its one helper used here is a named rearrange
-        from einops import rearrange
-
-        stub = types.ModuleType("einops_exts")
-        stub.rearrange_many = lambda tensors, pattern, **kw: [rearrange(t, pattern, **kw) for t in tensors]
-        stub.check_shape = lambda *args, **kw: None
-        sys.modules["einops_exts"] = stub
-    spec = importlib.util.spec_from_file_location("official_biflownet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.BiFlowNet
+        stubs["einops_exts"] = einops_exts_stub()
+    return import_official(Path(root) / "ddpm" / "BiFlowNet.py", stubs).BiFlowNet
 
 
 def official_comparison(root: Path, latent_sizes: list[int], precisions: list[str], steps: int,
                         official_optimizer: str = "default") -> dict:
-    """Training-step time of the base preset vs the official BiFlowNet (same width/depth), interleaved."""
+    """Training-step time of the base preset vs the official BiFlowNet (same width/depth), interleaved.
+
+    Ours runs twice: as the preset ships (activation checkpointing on: blocks are recomputed in backward to
+    fit 32^3 latents on 24 GB GPUs) and without it, like the official network, which has no recompute.
+    """
     import torch.nn.functional as F
 
     official_cls = _load_official(root)
     rows = []
     for size in latent_sizes:
         cfg = preset("base", size)
-        ours = BiFlowNet(**cfg)
+        torch.manual_seed(0)
+        nets = {"ours": BiFlowNet(**cfg), "ours_no_recompute": BiFlowNet(**{**cfg, "grad_checkpointing": False})}
+        nets["ours_no_recompute"].load_state_dict(nets["ours"].state_dict())
         official = official_cls(dim=cfg["model_channels"], dim_mults=tuple(cfg["channel_mults"]), channels=cfg["in_channels"],
                                 cond_classes=cfg["num_classes"] or None, use_sparse_linear_attn=[int(i in cfg["attn_levels"])
                                                                                         for i in range(len(cfg["channel_mults"]))],
                                 sub_volume_size=(cfg["sub_volume"],) * 3, patch_size=cfg["token_patch"],
                                 DiT_num_heads=cfg["dit_heads"], resnet_groups=cfg["norm_groups"], vq_size=64,
                                 num_mid_DiT=cfg["num_mid_dit"])
-        opt_ours = training_optimizer(ours.parameters())
+        opts = {k: training_optimizer(n.parameters()) for k, n in nets.items()}
         opt_official = (torch.optim.AdamW(official.parameters(), lr=1e-4) if official_optimizer == "default"
                         else training_optimizer(official.parameters()))
         diff = Diffusion("ddpm", "v")
@@ -254,35 +249,44 @@ def official_comparison(root: Path, latent_sizes: list[int], precisions: list[st
             opt_official.step()
             opt_official.zero_grad(set_to_none=True)
 
-        def step_ours(bf16: bool) -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = diff.training_loss(lambda x, t: ours(x, t, **cond), z)
-            loss.backward()
-            opt_ours.step()
-            opt_ours.zero_grad(set_to_none=True)
+        def step_ours(name: str):
+            net, opt = nets[name], opts[name]
 
+            def step(bf16: bool) -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = diff.training_loss(lambda x, t: net(x, t, **cond), z)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
+
+        runners = {"official": step_official, **{k: step_ours(k) for k in nets}}
         for precision in precisions:
             bf16 = precision == "bf16"
-            times: dict[str, list[float]] = {"official": [], "ours": []}
-            for name, fn in (("official", step_official), ("ours", step_ours)):
+            times: dict[str, list[float]] = {k: [] for k in runners}
+            for fn in runners.values():
                 fn(bf16)  # warm-up
             for _ in range(steps):
-                for name, fn in (("official", step_official), ("ours", step_ours)):
+                for name, fn in runners.items():
                     t0 = time.perf_counter()
                     fn(bf16)
                     times[name].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) for k, v in times.items()}
-            rows.append({"latent_size": size, "precision": precision, "official_s": round(med["official"], 3),
-                         "ours_s": round(med["ours"], 3), "ratio": round(med["ours"] / med["official"], 3),
-                         "official_all_s": [round(v, 3) for v in times["official"]],
-                         "ours_all_s": [round(v, 3) for v in times["ours"]]})
+            row = {"latent_size": size, "precision": precision, "official_s": round(med["official"], 3)}
+            for k in nets:
+                row[f"{k}_s"] = round(med[k], 3)
+                row["ratio" if k == "ours" else f"ratio_{k.removeprefix('ours_')}"] = round(med[k] / med["official"], 3)
+            row.update({f"{k}_all_s": [round(v, 3) for v in times[k]] for k in runners})
+            rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress: these runs take minutes
-        params = {"official": sum(p.numel() for p in official.parameters()), "ours": count_parameters(ours)}
-        del ours, official, opt_ours, opt_official
+        params = {"official": sum(p.numel() for p in official.parameters()), "ours": count_parameters(nets["ours"])}
+        del nets, official, opts, opt_official
     return {"benchmark": "biflownet_vs_official", "official": str(root), "preset": "base", "batch": 1,
             "threads": torch.get_num_threads(), "repetitions": steps, "cpu_native_bf16": _native_bf16(),
             "optimizers": {"ours": "config/optimizer/adamw.yaml",
                            "official": "torch.optim.AdamW" + (" as ours" if official_optimizer == "fused" else "")},
+            "ours": "base preset as shipped (activation checkpointing on)",
+            "ours_no_recompute": "the same weights with grad_checkpointing=false, like the official network",
             "params": params, "results": rows}
 
 

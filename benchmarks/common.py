@@ -146,3 +146,45 @@ def random_generator(autoencoder: PatchVolumeAutoencoder, network: dict, process
                              conditioning=conditioning, hparams={"network": network, "diffusion": process})
     return CTGenerator(loaded, autoencoder.eval().requires_grad_(False).to(device), HUWindow(), (1.0, 1.0, 1.0),
                        device, bf16)
+
+
+def import_official(path: Path, stubs: dict[str, dict]) -> object:
+    """Import one file of the official 3D MedDiffusion by path, for side-by-side timing (never copied here).
+
+    ``stubs`` maps module names that file imports but the timed classes never use (training-only
+    dependencies, helpers of its own package that would clash with ours) to the attributes a stand-in
+    module gets; the stand-ins are installed for the import only and the previous ``sys.modules``
+    entries are put back afterwards.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; expected a checkout of the official 3D MedDiffusion")
+    saved = {name: sys.modules.get(name) for name in stubs}
+    try:
+        for name, attrs in stubs.items():
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            module.__path__ = []  # also a package, so that dotted children resolve
+            sys.modules[name] = module
+        spec = importlib.util.spec_from_file_location(f"official_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+
+
+def einops_exts_stub() -> dict:
+    """Attributes of a stand-in ``einops_exts`` (an import-only dependency of the official files)."""
+    from einops import rearrange
+
+    return {"rearrange_many": lambda tensors, pattern, **kw: [rearrange(t, pattern, **kw) for t in tensors],
+            "check_shape": lambda *args, **kw: None}

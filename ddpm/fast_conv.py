@@ -1,13 +1,19 @@
-"""3D convolution that keeps small CPU convolutions on oneDNN (forward and backward).
+"""3D convolution that keeps small CPU convolutions on oneDNN (forward and backward) where that pays.
 
 PyTorch sends a float32 CPU ``conv3d`` with batch 1, a kernel of at most 3 and fewer than 20480
 ``N*C*D*H`` input elements to its reference ``slow_conv3d`` (im2col, contiguous output) instead of
 oneDNN, and does the same in the backward pass; at 16^3 latents that is every convolution of
-BiFlowNet and most of a training step. :class:`FastConv3d` runs those convolutions with
-``torch.mkldnn_convolution`` instead: the forward pass, the input gradient (a convolution of the
-zero-dilated output gradient with the flipped, transposed kernel) and the weight gradient (one matrix
-product with the im2col of the input). Other cases (CUDA, groups, dilation, batches and inputs that
-PyTorch already sends to oneDNN or cuDNN) run the ordinary ``nn.Conv3d`` path.
+BiFlowNet. :class:`FastConv3d` runs the stride-1 ones on grids of at least ``MIN_ONEDNN_VOXELS``
+voxels with ``torch.mkldnn_convolution`` instead: the forward pass, the input gradient (a convolution
+of the output gradient with the flipped, transposed kernel) and the weight gradient (one matrix
+product with the im2col of the input).
+
+Where the line lies was measured (forward + backward, fp32, 2 threads, 2-core AMD EPYC): oneDNN takes
+31 ms instead of 55 ms for a 72-channel 16^3 convolution and 14 instead of 20 ms at 144 x 8^3, but on
+4^3 and 2^3 grids with hundreds of channels re-laying out the large kernel costs more than the
+convolution (576 x 2^3: 51 instead of 27 ms), and strided ones lose too (72 x 16^3, stride 2: 12 instead
+of 8.5 ms). Those, and the cases PyTorch already sends to oneDNN or cuDNN (CUDA, groups, dilation,
+batches, larger inputs), run the ordinary ``nn.Conv3d`` path.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ if torch.ops.aten.mkldnn_convolution.default not in flop_registry:  # torch coun
 
 # PyTorch's own threshold (ATen ConvParams::use_mkldnn): at or below it, a batch-1 float conv3d is not oneDNN's
 _SLOW_PATH_ELEMENTS = 20480
+# smallest grid (D*H*W) on which our oneDNN path beats the reference kernel (measured: see the module docstring)
+MIN_ONEDNN_VOXELS = 512
 
 
 def takes_slow_path(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int) -> bool:
@@ -36,40 +44,37 @@ def takes_slow_path(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int
             and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= _SLOW_PATH_ELEMENTS)
 
 
+def routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether :class:`FastConv3d` runs this convolution on its oneDNN path (a slow-path one where that pays)."""
+    return (takes_slow_path(x, weight, dilation, groups) and all(s == 1 for s in stride)
+            and all(0 <= p < k for p, k in zip(padding, weight.shape[2:]))
+            and x.shape[2] * x.shape[3] * x.shape[4] >= MIN_ONEDNN_VOXELS)
+
+
 class _OneDnnConv3d(torch.autograd.Function):
-    """Zero-padded, ungrouped, undilated conv3d whose forward and backward both run on oneDNN."""
+    """Zero-padded, ungrouped, undilated, stride-1 conv3d whose forward and backward both run on oneDNN."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                stride: tuple[int, int, int], padding: tuple[int, int, int]):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int, int]):
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
+        ctx.padding = padding
         ctx.has_bias = bias is not None
-        return torch.mkldnn_convolution(x, weight, bias, padding, stride, (1, 1, 1), 1)
+        return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), (1, 1, 1), 1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        s, p, k = ctx.stride, ctx.padding, weight.shape[2:]
+        p, k = ctx.padding, weight.shape[2:]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            # the transposed convolution, as a stride-1 convolution of the zero-dilated output gradient with the
-            # flipped, transposed kernel; `extra` restores input voxels that no output window reached
-            g = grad
-            if any(si > 1 for si in s):
-                size = [(n - 1) * si + 1 for n, si in zip(grad.shape[2:], s)]
-                g = grad.new_zeros(*grad.shape[:2], *size).contiguous(memory_format=torch.channels_last_3d)
-                g[:, :, ::s[0], ::s[1], ::s[2]] = grad
-            extra = [n - ((o - 1) * si - 2 * pi + ki) for n, o, si, pi, ki in zip(x.shape[2:], grad.shape[2:], s, p, k)]
-            pads = []
-            for ki, pi, ei in reversed(list(zip(k, p, extra))):
-                pads += [ki - 1 - pi, ki - 1 - pi + ei]
+            # the transposed convolution: a convolution of the output gradient with the flipped, transposed kernel
+            pads = [ki - 1 - pi for ki, pi in zip(k, p)]
             w_t = weight.transpose(0, 1).flip(2, 3, 4).contiguous(memory_format=torch.channels_last_3d)
-            grad_x = torch.mkldnn_convolution(F.pad(g, pads), w_t, None, (0, 0, 0), (1, 1, 1), (1, 1, 1), 1)
+            grad_x = torch.mkldnn_convolution(grad, w_t, None, pads, (1, 1, 1), (1, 1, 1), 1)
         if ctx.needs_input_grad[1]:
             # one matrix product: (C_out, N*D*H*W) @ im2col (N*D*H*W, kd*kh*kw*C_in)
             xp = F.pad(x, (p[2], p[2], p[1], p[1], p[0], p[0])).permute(0, 2, 3, 4, 1)  # (N, D', H', W', C_in)
-            cols = xp.unfold(1, k[0], s[0]).unfold(2, k[1], s[1]).unfold(3, k[2], s[2])  # (N, D, H, W, C_in, kd, kh, kw)
+            cols = xp.unfold(1, k[0], 1).unfold(2, k[1], 1).unfold(3, k[2], 1)  # (N, D, H, W, C_in, kd, kh, kw)
             cols = cols[:, :grad.shape[2], :grad.shape[3], :grad.shape[4]]
             cols = cols.permute(0, 1, 2, 3, 5, 6, 7, 4)  # channels innermost: the im2col copy moves whole rows
             g = grad.permute(0, 2, 3, 4, 1).reshape(-1, grad.shape[1])  # (N*D*H*W, C_out)
@@ -77,7 +82,7 @@ class _OneDnnConv3d(torch.autograd.Function):
             grad_w = grad_w.permute(0, 4, 1, 2, 3)  # (C_out, C_in, kd, kh, kw) with channels_last_3d strides
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3, 4))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None
 
 
 class FastConv3d(nn.Conv3d):
@@ -85,8 +90,8 @@ class FastConv3d(nn.Conv3d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str) and not torch.is_autocast_enabled("cpu")
-                and takes_slow_path(x, weight, self.dilation, self.groups)):
-            return _OneDnnConv3d.apply(x, weight, bias, tuple(self.stride), tuple(self.padding))
+                and routes_to_onednn(x, weight, self.stride, self.padding, self.dilation, self.groups)):
+            return _OneDnnConv3d.apply(x, weight, bias, tuple(self.padding))
         return super()._conv_forward(x, weight, bias)
 
 
@@ -101,4 +106,4 @@ def use_fast_conv3d(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["FastConv3d", "takes_slow_path", "use_fast_conv3d"]
+__all__ = ["MIN_ONEDNN_VOXELS", "FastConv3d", "routes_to_onednn", "takes_slow_path", "use_fast_conv3d"]
