@@ -10,9 +10,9 @@ from torch import nn
 
 from AutoEncoder.blocks import (
     SLAB_AXIS,
+    UPSAMPLERS,
     AttentionBlock3d,
     ResBlock3d,
-    Upsample3d,
     assemble,
     conv_slab,
     group_norm,
@@ -28,9 +28,11 @@ class Decoder(nn.Module):
         out_channels: image channels (1 for CT).
         channels: feature channels per level, listed from the finest level (as in the encoder).
         latent_channels: channels of the input latent.
-        num_res_blocks: residual blocks per level (the decoder uses one more, as is usual).
+        num_res_blocks: residual blocks per level.
         attention_heads: heads of the bottleneck self-attention; 0 disables it.
         num_groups: upper bound on GroupNorm groups.
+        upsample: ``"nearest"`` (nearest-neighbour doubling + 3x3x3 convolution, :class:`Upsample3d`) or
+            ``"transposed"`` (4x4x4 stride-2 transposed convolution, :class:`TransposedUpsample3d`).
     """
 
     def __init__(
@@ -41,8 +43,11 @@ class Decoder(nn.Module):
         num_res_blocks: int = 1,
         attention_heads: int = 1,
         num_groups: int = 32,
+        upsample: str = "nearest",
     ):
         super().__init__()
+        if upsample not in UPSAMPLERS:
+            raise ValueError(f"upsample={upsample!r}; expected one of {sorted(UPSAMPLERS)}")
         rev = list(channels)[::-1]
         prev = rev[0]
         self.conv_in = nn.Conv3d(latent_channels, prev, 3, padding=1)
@@ -54,11 +59,11 @@ class Decoder(nn.Module):
         levels: list[nn.Module] = []
         for i, ch in enumerate(rev):
             blocks: list[nn.Module] = []
-            for _ in range(num_res_blocks + 1):
+            for _ in range(num_res_blocks):
                 blocks.append(ResBlock3d(prev, ch, num_groups))
                 prev = ch
             if i < len(rev) - 1:
-                blocks.append(Upsample3d(prev))
+                blocks.append(UPSAMPLERS[upsample](prev))
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.ModuleList(levels)
         self.norm_out = group_norm(prev, num_groups)

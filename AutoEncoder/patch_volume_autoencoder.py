@@ -55,6 +55,9 @@ class PatchVolumeAutoencoder(nn.Module):
         embedding_dim: latent channels (= code dimension).
         n_codes: codebook size for ``bottleneck="vq"``; must be 0 otherwise.
         num_res_blocks: residual blocks per encoder level.
+        decoder_res_blocks: residual blocks per decoder level; None: ``num_res_blocks + 1`` (one more, as is usual).
+        upsample: decoder up-sampling, ``"nearest"`` (nearest + 3x3x3 convolution) or ``"transposed"`` (4x4x4
+            stride-2 transposed convolution, about a third of the arithmetic).
         attention_heads: bottleneck attention heads (0 disables attention).
         num_groups: GroupNorm group bound.
         downsample: optional check: the expected factor (int or three equal ints, e.g. ``[8, 8, 8]``).
@@ -93,6 +96,8 @@ class PatchVolumeAutoencoder(nn.Module):
         decode_slab: int = 4,
         codebook: dict[str, Any] | None = None,
         bottleneck: str | None = None,
+        decoder_res_blocks: int | None = None,
+        upsample: str = "nearest",
     ):
         super().__init__()
         bottleneck = bottleneck if bottleneck is not None else ("vq" if n_codes > 0 else "none")
@@ -118,6 +123,9 @@ class PatchVolumeAutoencoder(nn.Module):
             raise ValueError(f"decode_slab must be >= 1, got {decode_slab}")
         if encode_chunk_size < 1:
             raise ValueError(f"encode_chunk_size must be >= 1, got {encode_chunk_size}")
+        decoder_res_blocks = num_res_blocks + 1 if decoder_res_blocks is None else decoder_res_blocks
+        if decoder_res_blocks < 1:
+            raise ValueError(f"decoder_res_blocks must be >= 1, got {decoder_res_blocks}")
         self.config: dict[str, Any] = {
             "in_channels": in_channels, "channels": list(channels), "embedding_dim": embedding_dim,
             "n_codes": n_codes, "num_res_blocks": num_res_blocks, "attention_heads": attention_heads,
@@ -126,6 +134,7 @@ class PatchVolumeAutoencoder(nn.Module):
             "decode_overlap": decode_overlap, "decode_halo": decode_halo, "decode_mode": decode_mode,
             "decode_slab": decode_slab,
             "codebook": dict(codebook or {}), "bottleneck": bottleneck,
+            "decoder_res_blocks": decoder_res_blocks, "upsample": upsample,
         }
         self._factor = factor
         self.patch_size = patch_size
@@ -137,7 +146,8 @@ class PatchVolumeAutoencoder(nn.Module):
         self.decode_slab = decode_slab
         moments = 2 * embedding_dim if bottleneck == "kl" else embedding_dim  # KL: mean and log-variance
         self.encoder = Encoder(in_channels, channels, moments, num_res_blocks, attention_heads, num_groups)
-        self.decoder = Decoder(in_channels, channels, embedding_dim, num_res_blocks, attention_heads, num_groups)
+        self.decoder = Decoder(in_channels, channels, embedding_dim, decoder_res_blocks, attention_heads, num_groups,
+                               upsample)
         self.quantizer = VectorQuantizer(n_codes, embedding_dim, **(codebook or {})) if bottleneck == "vq" else None
         self.gaussian = GaussianBottleneck(embedding_dim) if bottleneck == "kl" else None
         self.encoder_frozen = False

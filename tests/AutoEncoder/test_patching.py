@@ -63,10 +63,12 @@ def _randomise_norms(model: nn.Module) -> None:
             m.bias.data = torch.rand(m.bias.shape, generator=g) * 0.6 - 0.3
 
 
-@pytest.mark.parametrize("planes", [1, 3, 16])
-def test_slab_decode_equals_the_full_decode(planes: int) -> None:
+@pytest.mark.parametrize("planes,upsample", [(1, "nearest"), (3, "nearest"), (16, "nearest"), (1, "transposed"),
+                                             (3, "transposed")])
+def test_slab_decode_equals_the_full_decode(planes: int, upsample: str) -> None:
     torch.manual_seed(0)
-    model = PatchVolumeAutoencoder(**tiny_config(4, n_codes=0, decode_window=4, decode_slab=planes)).eval()
+    model = PatchVolumeAutoencoder(**tiny_config(4, n_codes=0, decode_window=4, decode_slab=planes,
+                                                 upsample=upsample)).eval()
     _randomise_norms(model)
     z = torch.randn(2, 4, 7, 5, 6)  # batch of 2, non-cubic, odd sizes
     with torch.no_grad():
@@ -81,6 +83,39 @@ def test_slab_decode_equals_the_full_decode(planes: int) -> None:
     (grad_slab,) = torch.autograd.grad(out.square().sum(), zg)
     torch.testing.assert_close(out, full, atol=2e-5, rtol=0)
     torch.testing.assert_close(grad_slab, grad_full, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_shape_options_and_older_configs() -> None:
+    from AutoEncoder.blocks import ResBlock3d, TransposedUpsample3d, Upsample3d
+
+    def level_blocks(model: PatchVolumeAutoencoder) -> list[list[type]]:
+        return [[type(b) for b in level] for level in model.decoder.levels]
+
+    old = PatchVolumeAutoencoder(**tiny_config(4, num_res_blocks=1))  # a config from before these options
+    assert level_blocks(old)[0] == [ResBlock3d, ResBlock3d, Upsample3d]  # num_res_blocks + 1, nearest
+    assert old.config["decoder_res_blocks"] == 2 and old.config["upsample"] == "nearest"
+    new = PatchVolumeAutoencoder(**tiny_config(4, num_res_blocks=1, decoder_res_blocks=1, upsample="transposed"))
+    assert level_blocks(new)[0] == [ResBlock3d, TransposedUpsample3d] and level_blocks(new)[-1] == [ResBlock3d]
+    again = PatchVolumeAutoencoder(**new.config)  # what a checkpoint stores rebuilds the same network
+    again.load_state_dict(new.state_dict())
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x).reconstruction, new.eval()(x).reconstruction)
+    with pytest.raises(ValueError, match="upsample='bilinear'"):
+        PatchVolumeAutoencoder(**tiny_config(4, upsample="bilinear"))
+    with pytest.raises(ValueError, match="decoder_res_blocks must be >= 1"):
+        PatchVolumeAutoencoder(**tiny_config(4, decoder_res_blocks=0))
+
+
+def test_the_small_8x_preset_has_the_original_models_shape() -> None:
+    from benchmarks.bench_autoencoder import preset_config
+
+    cfg = preset_config("patchvolume_8x_small")
+    assert cfg["channels"] == [48, 96, 192, 192] and cfg["decoder_res_blocks"] == 2 and cfg["upsample"] == "transposed"
+    big, small = PatchVolumeAutoencoder(**preset_config("patchvolume_8x")), PatchVolumeAutoencoder(**cfg)
+    params = [sum(p.numel() for p in m.parameters()) for m in (big, small)]
+    assert params[1] < 0.6 * params[0]
+    assert small.downsample_factor == big.downsample_factor == 8
 
 
 def test_decode_mode_is_checked() -> None:
