@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=number(int, min=0), default=0, help="CPU threads (0: torch default)")
     p.add_argument("--compare-official", type=Path, default=None, metavar="DIR",
                    help="checkout of the official 3D MedDiffusion: time its 8x autoencoder against --presets")
-    p.add_argument("--presets", default="patchvolume_8x,patchvolume_8x_small",
+    p.add_argument("--presets", default="patchvolume_8x,patchvolume_8x_wide",
                    help="comma-separated 8x presets for --compare-official")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (--compare-official)")
     args = p.parse_args(argv)

@@ -63,7 +63,7 @@ def build_parser() -> OneLineParser:
                    help="latent window above which decoding slides (default: the preset's, within --max-decode-edge)")
     p.add_argument("--max-decode-edge", type=number(int, min=8), default=192,
                    help="CT voxels per axis decoded at once, halo included (default 192; the 8x preset needs about "
-                        "1.6 KB per decoded voxel in fp32, so a whole 256^3 decode would need ~28 GB)")
+                        "1.2 KB per decoded voxel in fp32, so a whole 256^3 decode needs ~20 GB)")
     p.add_argument("--in-process", action="store_true",
                    help="run the stages in this process (peak RSS is then cumulative: each figure is the peak so far)")
     p.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)  # set for stage processes

@@ -1,7 +1,7 @@
 """Memory needed to train and run the real presets at 128^3, 256^3 and 512^3 CT: the GPU memory guide's figures.
 
     python -m benchmarks.bench_memory                      # base BiFlowNet + patchvolume_8x, every size and batch
-    python -m benchmarks.bench_memory --sizes 128 --batches 1,2 --ae-preset patchvolume_8x_small
+    python -m benchmarks.bench_memory --sizes 128 --batches 1,2 --ae-preset patchvolume_8x_wide
 
 Every figure is counted, not guessed: the network runs on PyTorch's ``meta`` device (shapes only, no
 arithmetic, so 512^3 costs seconds) under a dispatch mode that adds up the bytes of every tensor while it

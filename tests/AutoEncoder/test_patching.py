@@ -107,12 +107,14 @@ def test_decoder_shape_options_and_older_configs() -> None:
         PatchVolumeAutoencoder(**tiny_config(4, decoder_res_blocks=0))
 
 
-def test_the_small_8x_preset_has_the_original_models_shape() -> None:
+def test_the_8x_preset_has_the_original_models_shape_and_the_wide_one_is_larger() -> None:
     from benchmarks.bench_autoencoder import preset_config
 
-    cfg = preset_config("patchvolume_8x_small")
+    cfg = preset_config("patchvolume_8x")
     assert cfg["channels"] == [48, 96, 192, 192] and cfg["decoder_res_blocks"] == 2 and cfg["upsample"] == "transposed"
-    big, small = PatchVolumeAutoencoder(**preset_config("patchvolume_8x")), PatchVolumeAutoencoder(**cfg)
+    wide = preset_config("patchvolume_8x_wide")
+    assert wide["channels"] == [64, 128, 256, 256] and wide["decoder_res_blocks"] == 3 and wide["upsample"] == "nearest"
+    big, small = PatchVolumeAutoencoder(**wide), PatchVolumeAutoencoder(**cfg)
     params = [sum(p.numel() for p in m.parameters()) for m in (big, small)]
     assert params[1] < 0.6 * params[0]
     assert small.downsample_factor == big.downsample_factor == 8
