@@ -5,6 +5,7 @@
     python -m benchmarks.bench_biflownet --study conditioning --data outputs/demo/data --steps 300
     python -m benchmarks.bench_biflownet --study geometry --preset base --latent-size 16 --batch 2 --steps 5
     python -m benchmarks.bench_biflownet --compare-official /work/official --latent-size 16 --steps 3 --threads 2
+    python -m benchmarks.bench_biflownet --profile 15 --preset base --latent-size 16 --batch 1 --threads 2
 
 ``--study conditioning`` trains the tiny preset with each X-ray conditioning mode (plain cross-attention,
 footprint-restricted cross-attention, back-projection, footprint + back-projection) for the same number
@@ -23,6 +24,11 @@ one process with the same thread count, in fp32 and under bf16 autocast; each ne
 training optimiser (ours: ``config/optimizer/adamw.yaml``; official: ``torch.optim.AdamW``, or the same
 fused AdamW as ours with ``--official-optimizer fused``). Ours runs as shipped (activation checkpointing on)
 and without recompute, like the official. Medians and ratios (ours / official).
+
+``--profile N`` profiles one training step of ``--preset`` (after a warm-up step; fp32 and, with
+``--precisions``, bf16 autocast) with ``torch.profiler`` and reports the step's wall time, the ``N`` operators
+with the most self time, and how much of the step went into copying data between layouts (``aten::copy_``,
+``clone``, ``contiguous``, reorders: time spent moving bytes, not computing).
 """
 
 from __future__ import annotations
@@ -290,6 +296,50 @@ def official_comparison(root: Path, latent_sizes: list[int], precisions: list[st
             "params": params, "results": rows}
 
 
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::to_mkldnn", "aten::to_dense",
+            "aten::_to_copy", "aten::flip", "aten::im2col", "aten::col2im")
+
+
+def profile_step(name: str, latent_size: int | None, batch: int, precisions: list[str], top: int) -> dict:
+    """Self time per operator of one training step (the step's wall time and its top ``top`` operators)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = preset(name, latent_size)
+    torch.manual_seed(0)
+    net = BiFlowNet(**cfg)
+    opt = training_optimizer(net.parameters())
+    diff = Diffusion("ddpm", "v")
+    z, cond = _step_inputs(cfg, batch, torch.device("cpu"))
+    rows = []
+    for precision in precisions:
+        bf16 = precision == "bf16"
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = diff.training_loss(lambda x, t: net(x, t, **cond), z)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # warm-up: kernels chosen, caches filled
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            step()
+            wall = time.perf_counter() - t0
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        copies = sum(e.self_cpu_time_total for e in events if e.key in COPY_OPS) / 1e6
+        rows.append({"precision": precision, "step_s": round(wall, 3), "profiled_self_s": round(total, 3),
+                     "copy_s": round(copies, 3), "copy_share": round(copies / total, 3) if total else None,
+                     "top": [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count}
+                             for e in events[:top]]})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"benchmark": "biflownet_profile", "preset": name, "latent_shape": cfg["latent_shape"], "batch": batch,
+            "threads": torch.get_num_threads(), "cpu_native_bf16": _native_bf16(), "copy_ops": list(COPY_OPS),
+            "results": rows}
+
+
 def _native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -383,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="checkout of the official 3D MedDiffusion: time its BiFlowNet against the base preset")
     p.add_argument("--official-optimizer", choices=["default", "fused"], default="default",
                    help="official network's AdamW: torch's default implementation, or the same fused one as ours")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (--compare-official)")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="comma-separated: fp32, bf16 (--compare-official, --profile)")
+    p.add_argument("--profile", type=number(int, min=1), default=None, metavar="N",
+                   help="profile one training step of --preset; report its N most expensive operators")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -393,11 +446,17 @@ def main(argv: list[str] | None = None) -> int:
             if a.data is None:
                 raise ValueError("--study conditioning needs --data (a prepared dataset folder with latents)")
             out = conditioning_study(a.data, a.steps, a.batch, a.seed)
-        elif a.compare_official is not None:
-            sizes = [a.latent_size] if a.latent_size else [16, 32]
+        elif a.compare_official is not None or a.profile is not None:
             precisions = [x for x in a.precisions.split(",") if x]
             if not precisions or set(precisions) - {"fp32", "bf16"}:
                 raise ValueError(f"--precisions {a.precisions!r}; expected a comma-separated subset of fp32,bf16")
+            if a.profile is not None:
+                if a.compare_official is not None:
+                    raise ValueError("--profile and --compare-official are separate runs; give one of them")
+                out = profile_step(a.preset, a.latent_size, a.batch, precisions, a.profile)
+                print(json.dumps(out))
+                return
+            sizes = [a.latent_size] if a.latent_size else [16, 32]
             out = official_comparison(a.compare_official, sizes, precisions, a.steps, a.official_optimizer)
         elif a.study == "geometry":
             out = geometry_study(a.preset, a.latent_size, a.batch, a.steps, a.device)
