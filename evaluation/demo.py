@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -90,7 +91,8 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     from evaluation.figures import save_mpr_figure
     from evaluation.generate_ct import write_generation
     from evaluation.generation import CTGenerator
-    from evaluation.metrics import anatomy_dice, psnr, volume_metrics
+    from dataset.drr import render_drr_pair
+    from evaluation.metrics import anatomy_dice, psnr, reprojection_metrics, volume_metrics
     from evaluation.projection_guidance import DEFAULT_GUIDANCE
     from train import generate_training_latent, train_BiFlowNet, train_PatchVolume
 
@@ -185,7 +187,7 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     mean_ct = torch.stack([load_unit(p, info) for p in train_ids.ct]).mean(0)
     ae = gen.autoencoder
     anatomy = has_anatomy(info.window)
-    base, ae_psnr = [], []
+    base, ae_psnr, ae_drr, base_drr = [], [], [], []
     for row in test_rows.itertuples():
         ref = load_unit(row.ct, info)
         base.append(volume_metrics(mean_ct, ref, info.window) | (anatomy_dice(mean_ct, ref, info.window)
@@ -194,6 +196,11 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
             recon = ae.decode(ae.encode(ref[None]), quantize=True)[0].clamp(-1, 1)
         ae_psnr.append(float(psnr(recon, ref)))
         samples, ap, lat = volumes["generated"][row.subject_id]
+        if info.geometry is not None:  # how well the ceiling and the baseline re-project onto the input DRRs
+            render = partial(render_drr_pair, spacing_dhw=info.spacing,
+                             geometry=geometries.get(str(row.subject_id), info.geometry), window=info.window)
+            ae_drr.append(_drr_psnr(reprojection_metrics(recon, ap, lat, render, name=f"{row.subject_id} reconstruction")))
+            base_drr.append(_drr_psnr(reprojection_metrics(mean_ct, ap, lat, render, name="mean training CT")))
         save_mpr_figure(out / "figures" / f"{row.subject_id}.png", samples.mean(0), ref, window=info.window,
                         uncertainty=samples.std(0) if num_samples > 1 else None, ap=ap, lat=lat,
                         spacing=info.spacing, title=f"{row.subject_id}: generated from its AP + LAT DRRs")
@@ -226,6 +233,8 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
         "baseline_mean_bone_dice": mean_of("bone_dice") if anatomy else None,
         "drr_consistency_psnr_db": drr_of(m),
         "drr_consistency_unguided_psnr_db": drr_of(mu),
+        "ae_drr_consistency_psnr_db": sum(ae_drr) / len(ae_drr) if ae_drr else None,
+        "baseline_mean_drr_consistency_psnr_db": sum(base_drr) / len(base_drr) if base_drr else None,
         "seconds_per_volume_guided": per_volume["generated"],
         "seconds_per_volume_unguided": per_volume.get("generated_unguided", per_volume["generated"]),
         "wall_s": time.perf_counter() - t0,
@@ -244,6 +253,8 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
             "x2ct_slice_psnr_db": "X2CT-style PSNR averaged over axial slices (reported separately)",
             "baseline_mean": "the voxel-wise mean of the training CTs scored against each test CT",
             "ae_psnr_db": "autoencoder reconstruction (encode, quantise, decode) of the test CTs",
+            "ae_drr_consistency_psnr_db": "DRR consistency (as below) of the autoencoder reconstruction of the test CTs",
+            "baseline_mean_drr_consistency_psnr_db": "DRR consistency (as below) of the mean training CT",
             "drr_consistency_psnr_db": "DRRs of the generated CT (input geometry, Siddon) vs the input DRRs, "
                                        "PSNR on [0, 1], AP/LAT mean",
             "x2ct_psnr_db": "the default generation: with projection-consistency guidance (settings above)",
@@ -258,6 +269,11 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     return summary
 
 
+def _drr_psnr(metrics: dict[str, float]) -> float:
+    """Mean of the AP and LAT re-projection PSNRs of :func:`evaluation.metrics.reprojection_metrics`."""
+    return (metrics["drr_ap_psnr_db"] + metrics["drr_lat_psnr_db"]) / 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     p = OneLineParser(prog="python -m evaluation.demo", description=__doc__.split("\n")[0])
@@ -265,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--subjects", type=number(int, min=3), default=40)
     p.add_argument("--size", type=number(int, min=16), default=64, help="CT edge in voxels (and DRR pixels)")
     p.add_argument("--seed", type=number(int, min=0), default=0)
-    p.add_argument("--ae-steps", type=number(int, min=1), default=400)
+    p.add_argument("--ae-steps", type=number(int, min=1), default=700)
     p.add_argument("--diffusion-steps", type=number(int, min=1), default=800)
     p.add_argument("--num-samples", type=number(int, min=1), default=4, help="samples per test subject (mean is scored)")
     p.add_argument("--inference-steps", type=number(int, min=1), default=25, help="DDIM steps")
@@ -290,7 +306,8 @@ def _run(args) -> int:
     print(f"  margin over the baseline       {s['margin_over_baseline_db']:+6.2f} dB")
     if s["drr_consistency_psnr_db"] is not None:
         print(f"  DRR re-projection consistency  {s['drr_consistency_psnr_db']:6.2f} dB"
-              f"   (unguided {s['drr_consistency_unguided_psnr_db']:.2f} dB)")
+              f"   (unguided {s['drr_consistency_unguided_psnr_db']:.2f} dB, autoencoder reconstruction "
+              f"{s['ae_drr_consistency_psnr_db']:.2f} dB, mean-CT baseline {s['baseline_mean_drr_consistency_psnr_db']:.2f} dB)")
     if s["lung_dice"] is not None:
         print(f"  lung / bone Dice               {s['lung_dice']:.3f} / {s['bone_dice']:.3f}"
               f"   (mean-CT baseline {s['baseline_mean_lung_dice']:.3f} / {s['baseline_mean_bone_dice']:.3f})")

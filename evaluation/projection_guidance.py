@@ -193,4 +193,4 @@ class ProjectionGuidance:
 
 
 #: What ``generate_ct`` and the demo use unless told otherwise (chosen on the demo, ``benchmarks/RESULTS.md``).
-DEFAULT_GUIDANCE = GuidanceSettings(weight=0.5)
+DEFAULT_GUIDANCE = GuidanceSettings(weight=1.0)
