@@ -9,19 +9,21 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
+from benchmarks import bench_guidance
 from evaluation import demo
 
 SUMMARY_KEYS = ("n_train", "n_test", "ae_psnr_db", "x2ct_psnr_db", "x2ct_ssim", "baseline_mean_psnr_db",
                 "drr_consistency_psnr_db", "margin_over_baseline_db", "wall_s", "x2ct_unguided_psnr_db",
                 "drr_consistency_unguided_psnr_db", "lung_dice", "bone_dice", "seconds_per_volume_guided",
-                "seconds_per_volume_unguided")
+                "seconds_per_volume_unguided", "ae_drr_consistency_psnr_db", "baseline_mean_drr_consistency_psnr_db")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU kernels: see tests/conftest.py
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)  # a relative --out, as `make demo` passes it
     out = tmp_path / "demo"
     args = ["--out", "demo", "--subjects", "8", "--size", "32", "--ae-steps", "3", "--diffusion-steps", "3",
@@ -40,6 +42,17 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path, monkeypatch: pytest.Mo
         assert (out / "figures" / f"{sid}.png").stat().st_size > 0
         assert nib.load(str(out / "generated_unguided" / f"{sid}.nii.gz")).shape == (32, 32, 32)
     assert summary["settings"]["projection_guidance"]["weight"] > 0  # the default generation is guided
+
+    # bench_guidance scores settings exactly as the demo does: its unguided and default settings give the demo's figures
+    capsys.readouterr()  # drop the demo's own report
+    assert bench_guidance.main([str(out), "--settings", "0", str(summary["settings"]["projection_guidance"]["weight"]),
+                                "--num-samples", "2", "--inference-steps", "2"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    unguided, default = bench["settings"].values()
+    assert unguided["psnr_db"] == pytest.approx(summary["x2ct_unguided_psnr_db"], abs=1e-4)
+    assert default["default"] and default["psnr_db"] == pytest.approx(summary["x2ct_psnr_db"], abs=1e-4)
+    assert default["drr_consistency_psnr_db"] == pytest.approx(summary["drr_consistency_psnr_db"], abs=1e-4)
+    assert default["vs_unguided"]["psnr_db_delta"] == pytest.approx(default["psnr_db"] - unguided["psnr_db"])
 
     ckpts = [out / "autoencoder" / "checkpoints" / "last.ckpt", out / "biflownet" / "checkpoints" / "last.ckpt"]
     steps = [demo.checkpoint_step(p) for p in ckpts]
