@@ -208,6 +208,18 @@ def geometry_study(name: str, latent_size: int | None, batch: int, steps: int, d
     }
 
 
+def cpu_training_step(net: BiFlowNet, opt: torch.optim.Optimizer, diff: Diffusion, z: torch.Tensor, cond: dict):
+    """``step(bf16)``: one CPU training step of ``net`` on ``z`` (loss, backward, optimiser), optionally under bf16
+    autocast."""
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = diff.training_loss(lambda x, t: net(x, t, **cond), z)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def _load_official(root: Path):
     """The official BiFlowNet class from ``root/ddpm/BiFlowNet.py`` (imported by path, never copied)."""
     stubs = {}
@@ -255,18 +267,7 @@ def official_comparison(root: Path, latent_sizes: list[int], precisions: list[st
             opt_official.step()
             opt_official.zero_grad(set_to_none=True)
 
-        def step_ours(name: str):
-            net, opt = nets[name], opts[name]
-
-            def step(bf16: bool) -> None:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = diff.training_loss(lambda x, t: net(x, t, **cond), z)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return step
-
-        runners = {"official": step_official, **{k: step_ours(k) for k in nets}}
+        runners = {"official": step_official, **{k: cpu_training_step(n, opts[k], diff, z, cond) for k, n in nets.items()}}
         for precision in precisions:
             bf16 = precision == "bf16"
             times: dict[str, list[float]] = {k: [] for k in runners}
@@ -307,24 +308,15 @@ def profile_step(name: str, latent_size: int | None, batch: int, precisions: lis
     cfg = preset(name, latent_size)
     torch.manual_seed(0)
     net = BiFlowNet(**cfg)
-    opt = training_optimizer(net.parameters())
-    diff = Diffusion("ddpm", "v")
     z, cond = _step_inputs(cfg, batch, torch.device("cpu"))
+    step = cpu_training_step(net, training_optimizer(net.parameters()), Diffusion("ddpm", "v"), z, cond)
     rows = []
     for precision in precisions:
         bf16 = precision == "bf16"
-
-        def step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = diff.training_loss(lambda x, t: net(x, t, **cond), z)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()  # warm-up: kernels chosen, caches filled
+        step(bf16)  # warm-up: kernels chosen, caches filled
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            step()
+            step(bf16)
             wall = time.perf_counter() - t0
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -417,6 +409,14 @@ def conditioning_study(data: Path, steps: int, batch: int, seed: int) -> dict:
             "train_subjects": len(train), "heldout_subjects": len(held), "results": results}
 
 
+def precision_list(text: str) -> list[str]:
+    """``--precisions``: a comma-separated subset of fp32, bf16."""
+    precisions = [x for x in text.split(",") if x]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise ValueError(f"--precisions {text!r}; expected a comma-separated subset of fp32,bf16")
+    return precisions
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m benchmarks.bench_biflownet", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -446,18 +446,14 @@ def main(argv: list[str] | None = None) -> int:
             if a.data is None:
                 raise ValueError("--study conditioning needs --data (a prepared dataset folder with latents)")
             out = conditioning_study(a.data, a.steps, a.batch, a.seed)
-        elif a.compare_official is not None or a.profile is not None:
-            precisions = [x for x in a.precisions.split(",") if x]
-            if not precisions or set(precisions) - {"fp32", "bf16"}:
-                raise ValueError(f"--precisions {a.precisions!r}; expected a comma-separated subset of fp32,bf16")
-            if a.profile is not None:
-                if a.compare_official is not None:
-                    raise ValueError("--profile and --compare-official are separate runs; give one of them")
-                out = profile_step(a.preset, a.latent_size, a.batch, precisions, a.profile)
-                print(json.dumps(out))
-                return
+        elif a.profile is not None and a.compare_official is not None:
+            raise ValueError("--profile and --compare-official are separate runs; give one of them")
+        elif a.profile is not None:
+            out = profile_step(a.preset, a.latent_size, a.batch, precision_list(a.precisions), a.profile)
+        elif a.compare_official is not None:
             sizes = [a.latent_size] if a.latent_size else [16, 32]
-            out = official_comparison(a.compare_official, sizes, precisions, a.steps, a.official_optimizer)
+            out = official_comparison(a.compare_official, sizes, precision_list(a.precisions), a.steps,
+                                      a.official_optimizer)
         elif a.study == "geometry":
             out = geometry_study(a.preset, a.latent_size, a.batch, a.steps, a.device)
         else:

@@ -20,7 +20,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -55,10 +54,11 @@ def parse_setting(text: str):
 def run(demo: Path, settings: Sequence[str], num_samples: int, inference_steps: int, seed: int, limit: int | None,
         work: Path) -> dict:
     """Generate, score and time every setting; see the module docstring."""
-    from dataset import DatasetInfo, Manifest, load_xray
+    from dataset import DatasetInfo, Manifest
+    from evaluation.demo import generate_split
     from evaluation.evaluate import evaluate_pairs, find_pairs
-    from evaluation.generate_ct import write_generation
     from evaluation.generation import CTGenerator
+    from evaluation.metrics import drr_consistency
     from evaluation.projection_guidance import DEFAULT_GUIDANCE
     from evaluation.xray_inputs import manifest_geometries
 
@@ -82,25 +82,17 @@ def run(demo: Path, settings: Sequence[str], num_samples: int, inference_steps: 
                     "inference_steps": inference_steps, "sampler": "ddim", "seed": seed,
                     "default": asdict(DEFAULT_GUIDANCE), "settings": {}, **environment(torch.device("cpu"))}
     for text, setting in parsed.items():
-        out = work / text.replace(":", "_")
-        shutil.rmtree(out, ignore_errors=True)
-        seconds = 0.0
-        for i, row in enumerate(rows.itertuples()):
-            ap, lat = load_xray(row.ap), load_xray(row.lat)
-            g = torch.Generator().manual_seed(seed * 100003 + i)  # the same noise for every setting, as the demo
-            t0 = time.perf_counter()
-            samples = gen.sample(ap, lat, None, num_samples, "ddim", inference_steps, 1.0, g,
-                                 projection_guidance=setting, geometry=geometries.get(str(row.subject_id)))
-            seconds += time.perf_counter() - t0
-            write_generation(gen, samples, out / f"{row.subject_id}.nii.gz")
+        out = work / text.replace(":", "_")  # the demo's generation: the same noise for every setting
+        per_volume, _ = generate_split(gen, rows, geometries, setting, num_samples, inference_steps, seed, out)
         ids = {str(s) for s in rows.subject_id}
         pairs = [p for p in find_pairs(out, manifest, split="test") if p.subject_id in ids]
         _, ev = evaluate_pairs(pairs, info.window, info.geometry)
         means = {k: ev["metrics"][k]["mean"] for k in KEYS if k in ev["metrics"]}
-        if "drr_ap_psnr_db" in means:
-            means["drr_consistency_psnr_db"] = (means["drr_ap_psnr_db"] + means["drr_lat_psnr_db"]) / 2
+        drr = drr_consistency(means)
+        if drr is not None:
+            means["drr_consistency_psnr_db"] = drr
         record["settings"][text] = {"guidance": asdict(setting), "default": asdict(setting) == asdict(DEFAULT_GUIDANCE),
-                                    "seconds_per_volume": seconds / (len(rows) * num_samples), **means}
+                                    "seconds_per_volume": per_volume, **means}
         print(f"bench_guidance: {text}: PSNR {means['psnr_db']:.2f} dB, DRR consistency "
               f"{means.get('drr_consistency_psnr_db', float('nan')):.2f} dB, "
               f"{record['settings'][text]['seconds_per_volume']:.2f} s/volume", file=sys.stderr, flush=True)

@@ -89,10 +89,9 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     from dataset import prepare_demo
     from evaluation.evaluate import evaluate_pairs, find_pairs, has_anatomy, write_results
     from evaluation.figures import save_mpr_figure
-    from evaluation.generate_ct import write_generation
     from evaluation.generation import CTGenerator
     from dataset.drr import render_drr_pair
-    from evaluation.metrics import anatomy_dice, psnr, reprojection_metrics, volume_metrics
+    from evaluation.metrics import anatomy_dice, drr_consistency, psnr, reprojection_metrics, volume_metrics
     from evaluation.projection_guidance import DEFAULT_GUIDANCE
     from train import generate_training_latent, train_BiFlowNet, train_PatchVolume
 
@@ -152,26 +151,15 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
           f"guided and unguided)", t0)
     t = time.perf_counter()
     gen = CTGenerator.from_checkpoints(bf_ckpt, ae_ckpt, device="cpu")
-    from dataset import load_xray
     from evaluation.xray_inputs import manifest_geometries
 
     geometries = manifest_geometries(manifest, test_rows)  # each pair's own (jittered) DRR geometry
     runs = {"generated": guidance} if not guidance.active else {"generated": guidance, "generated_unguided": 0.0}
-    volumes: dict[str, dict] = {name: {} for name in runs}
-    seconds = {name: 0.0 for name in runs}
-    for name in runs:
-        shutil.rmtree(out / name, ignore_errors=True)
-    for i, row in enumerate(test_rows.itertuples()):
-        ap, lat = load_xray(row.ap), load_xray(row.lat)
-        for name, setting in runs.items():  # the same noise for the guided sample and its unguided twin
-            g = torch.Generator().manual_seed(seed * 100003 + i)
-            start = time.perf_counter()
-            samples = gen.sample(ap, lat, None, num_samples, "ddim", inference_steps, 1.0, g,
-                                 projection_guidance=setting, geometry=geometries.get(str(row.subject_id)))
-            seconds[name] += time.perf_counter() - start
-            write_generation(gen, samples, out / name / f"{row.subject_id}.nii.gz")
-            volumes[name][row.subject_id] = (samples, ap, lat)
-    per_volume = {name: s / (len(test_rows) * num_samples) for name, s in seconds.items()}
+    volumes: dict[str, dict] = {}
+    per_volume: dict[str, float] = {}
+    for name, setting in runs.items():  # the same noise for the guided samples and their unguided twins
+        per_volume[name], volumes[name] = generate_split(gen, test_rows, geometries, setting, num_samples,
+                                                         inference_steps, seed, out / name)
     times["generate_s"] = time.perf_counter() - t
 
     stage("6/6 evaluation, baseline and figures", t0)
@@ -199,8 +187,9 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
         if info.geometry is not None:  # how well the ceiling and the baseline re-project onto the input DRRs
             render = partial(render_drr_pair, spacing_dhw=info.spacing,
                              geometry=geometries.get(str(row.subject_id), info.geometry), window=info.window)
-            ae_drr.append(_drr_psnr(reprojection_metrics(recon, ap, lat, render, name=f"{row.subject_id} reconstruction")))
-            base_drr.append(_drr_psnr(reprojection_metrics(mean_ct, ap, lat, render, name="mean training CT")))
+            ae_drr.append(drr_consistency(reprojection_metrics(recon, ap, lat, render,
+                                                               name=f"{row.subject_id} reconstruction")))
+            base_drr.append(drr_consistency(reprojection_metrics(mean_ct, ap, lat, render, name="mean training CT")))
         save_mpr_figure(out / "figures" / f"{row.subject_id}.png", samples.mean(0), ref, window=info.window,
                         uncertainty=samples.std(0) if num_samples > 1 else None, ap=ap, lat=lat,
                         spacing=info.spacing, title=f"{row.subject_id}: generated from its AP + LAT DRRs")
@@ -209,8 +198,7 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     m = ev["metrics"]
     mu = evaluations.get("generated_unguided", ev)["metrics"]
     mean_of = lambda key: float(torch.tensor([b[key] for b in base]).mean())  # noqa: E731
-    drr_keys = [k for k in ("drr_ap_psnr_db", "drr_lat_psnr_db") if k in m]
-    drr_of = lambda metrics: sum(metrics[k]["mean"] for k in drr_keys) / len(drr_keys) if drr_keys else None  # noqa: E731
+    drr_of = lambda metrics: drr_consistency({k: v["mean"] for k, v in metrics.items()})  # noqa: E731
     mean_or_none = lambda metrics, key: metrics[key]["mean"] if key in metrics else None  # noqa: E731
     summary = {
         "n_train": int(len(train_ids)),
@@ -269,9 +257,30 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     return summary
 
 
-def _drr_psnr(metrics: dict[str, float]) -> float:
-    """Mean of the AP and LAT re-projection PSNRs of :func:`evaluation.metrics.reprojection_metrics`."""
-    return (metrics["drr_ap_psnr_db"] + metrics["drr_lat_psnr_db"]) / 2
+def generate_split(gen, rows, geometries: dict, setting, num_samples: int, inference_steps: int, seed: int,
+                   out: Path) -> tuple[float, dict]:
+    """Generate every subject of ``rows`` (manifest rows) from its X-ray pair into ``out/<id>.nii.gz`` (emptied first).
+
+    DDIM with ``inference_steps`` steps, ``num_samples`` samples, projection guidance ``setting``, each pair with its
+    own geometry (``geometries``: subject id -> ``DRRGeometry``); the noise of the i-th subject depends on ``seed``
+    and ``i`` alone, so every setting starts from the same noise. Returns the seconds per generated sample
+    (sampling, decoding, guidance) and ``{subject_id: (samples, ap, lat)}``.
+    """
+    from dataset import load_xray
+    from evaluation.generate_ct import write_generation
+
+    shutil.rmtree(out, ignore_errors=True)
+    seconds, volumes = 0.0, {}
+    for i, row in enumerate(rows.itertuples()):
+        ap, lat = load_xray(row.ap), load_xray(row.lat)
+        g = torch.Generator().manual_seed(seed * 100003 + i)
+        start = time.perf_counter()
+        samples = gen.sample(ap, lat, None, num_samples, "ddim", inference_steps, 1.0, g,
+                             projection_guidance=setting, geometry=geometries.get(str(row.subject_id)))
+        seconds += time.perf_counter() - start
+        write_generation(gen, samples, out / f"{row.subject_id}.nii.gz")
+        volumes[row.subject_id] = (samples, ap, lat)
+    return seconds / (len(rows) * num_samples), volumes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,7 @@ The wrappers use ``monai.metrics`` (PSNRMetric, SSIMMetric, MAEMetric, FID, MMD)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ __all__ = [
     "anatomy_dice",
     "anatomy_masks",
     "check_finite",
+    "drr_consistency",
     "extract_features",
     "fid",
     "fid_min_samples",
@@ -441,6 +442,17 @@ def reprojection_metrics(
         out[f"drr_{view}_psnr_db"] = float(psnr(x_drr, x_in, XRAY_DATA_RANGE, spatial_dims=2, name=label))
         out[f"drr_{view}_ssim"] = float(ssim_2d(x_drr, x_in, XRAY_DATA_RANGE, win_size=win_size, name=label))
     return out
+
+
+def drr_consistency(metrics: Mapping[str, float]) -> float | None:
+    """The DRR consistency of one number: the mean of ``drr_ap_psnr_db`` and ``drr_lat_psnr_db`` (dB).
+
+    ``metrics`` holds :func:`reprojection_metrics`' keys (for one case, or their means over cases); None when it
+    has no re-projection PSNRs.
+    """
+    if "drr_ap_psnr_db" not in metrics or "drr_lat_psnr_db" not in metrics:
+        return None
+    return (metrics["drr_ap_psnr_db"] + metrics["drr_lat_psnr_db"]) / 2
 
 
 def extract_features(

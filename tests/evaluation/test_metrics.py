@@ -265,3 +265,9 @@ def test_anatomy_dice_known_by_construction() -> None:
 def test_anatomy_thresholds_outside_the_window_raise() -> None:
     with pytest.raises(ValueError, match="bone threshold 300 HU lies outside the HU window"):
         metrics.anatomy_masks(_torso(), HUWindow(-1000, 200))
+
+
+def test_drr_consistency_is_the_mean_of_the_two_views_and_none_without_them() -> None:
+    assert metrics.drr_consistency({"drr_ap_psnr_db": 30.0, "drr_lat_psnr_db": 36.0, "drr_ap_ssim": 0.9}) == 33.0
+    assert metrics.drr_consistency({"drr_ap_psnr_db": 30.0}) is None
+    assert metrics.drr_consistency({"psnr_db": 20.0}) is None
