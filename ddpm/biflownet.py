@@ -170,7 +170,7 @@ def _res(ch_in: int, ch_out: int, cond_dim: int, groups: int) -> DiffusionUNetRe
 def _attn(ch: int, on: bool, groups: int) -> nn.Module:
     if not on:
         return nn.Identity()
-    return SpatialAttentionBlock(3, ch, num_head_channels=max(ch // 4, 1), norm_num_groups=groups)
+    return SpatialAttentionBlock(3, ch, num_head_channels=max(ch // 4, 1), norm_num_groups=groups, use_flash_attention=True)
 
 
 class _Downsample(nn.Module):
