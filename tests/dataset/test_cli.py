@@ -79,3 +79,50 @@ def test_interrupt_in_a_subprocess_exits_130_without_traceback() -> None:
             "def f():\n    raise KeyboardInterrupt\nsys.exit(run_cli('prog', f))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8")
     assert r.returncode == 130 and "Traceback" not in r.stderr and "prog: interrupted" in r.stderr
+
+
+# In a fresh process: how many bytes glibc holds in mmap'ed blocks while a 96 MB tensor is alive, after run_cli
+# has started (which applies reuse_freed_memory), and whether freeing and re-allocating it reuses the address.
+_MMAP_PROBE = """
+import ctypes, json, sys
+import torch
+from dataset.cli import run_cli, reuse_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def work():
+    before = libc.mallinfo2().hblkhd
+    x = torch.ones(24 * 2**20)  # 96 MB, above glibc's largest mmap threshold (32 MB)
+    mapped = libc.mallinfo2().hblkhd - before
+    del x
+    print(json.dumps({"applied": reuse_freed_memory(), "mapped_mb": mapped / 2**20}))
+
+sys.exit(run_cli("probe", work))
+"""
+
+
+def _probe(env: dict) -> dict:
+    import json
+    import os
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc malloc only")
+    r = subprocess.run([sys.executable, "-c", _MMAP_PROBE], capture_output=True, text=True, encoding="utf-8",
+                       env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_cli_processes_reuse_freed_memory_instead_of_fresh_mmaps() -> None:
+    """A CLI process serves large tensors from the heap (reused after free, no page-by-page zeroing by the
+    kernel); XRAY2CT_MALLOC=system keeps glibc's default of one fresh mmap per large block."""
+    tuned = _probe({"XRAY2CT_MALLOC": ""})
+    assert tuned["applied"] is True and tuned["mapped_mb"] == 0
+    default = _probe({"XRAY2CT_MALLOC": "system"})
+    assert default["applied"] is False and default["mapped_mb"] >= 96
