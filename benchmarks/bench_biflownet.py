@@ -52,11 +52,21 @@ CONFIG = Path(__file__).resolve().parents[1] / "config" / "diffusion"
 PRESETS = ("tiny", "small", "base", "large")
 
 
-def preset(name: str, latent_size: int | None = None) -> dict:
-    """Network kwargs of a size preset (optionally at another cubic latent size)."""
+def preset(name: str, latent_size: int | None = None, batch: int | None = None, device: str = "cpu") -> dict:
+    """Network kwargs of a size preset (optionally at another cubic latent size).
+
+    ``grad_checkpointing: auto`` is decided as training decides it for ``batch`` samples per step on ``device``
+    (:func:`ddpm.memory.grad_checkpointing_for`); without ``batch`` (no training) recompute is off.
+    """
+    from ddpm.memory import grad_checkpointing_for
+
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG / "network" / f"{name}.yaml"))
     if latent_size:
         cfg["latent_shape"] = [latent_size] * 3
+    if batch is None:
+        cfg["grad_checkpointing"] = cfg.get("grad_checkpointing") is True
+    else:
+        cfg["grad_checkpointing"] = grad_checkpointing_for(cfg, batch, "cpu" if device == "cpu" else "auto")[0]
     return cfg
 
 
@@ -78,7 +88,7 @@ def training_optimizer(params) -> torch.optim.Optimizer:
 
 def step_benchmark(name: str, latent_size: int | None, batch: int, steps: int, device: str) -> dict:
     """Time full training steps (forward, loss, backward, optimiser step) of one preset."""
-    cfg = preset(name, latent_size)
+    cfg = preset(name, latent_size, batch, device)
     dev = torch.device(device)
     net = BiFlowNet(**cfg).to(dev)
     diff = Diffusion("ddpm", "v")
@@ -124,6 +134,7 @@ def step_benchmark(name: str, latent_size: int | None, batch: int, steps: int, d
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "precision": "bf16-mixed" if use_bf16 else "fp32",
         "step_time_s": round(dt, 4),
+        "grad_checkpointing": cfg["grad_checkpointing"],
         "params": count_parameters(net),
     }
     if dev.type == "cuda":
@@ -151,7 +162,7 @@ def geometry_study(name: str, latent_size: int | None, batch: int, steps: int, d
     """Training-step time with the fixed geometry buffers vs per-sample geometries (cached and fresh)."""
     from dataset.drr import DRRGeometry
 
-    cfg = preset(name, latent_size)
+    cfg = preset(name, latent_size, batch, device)
     if not cfg.get("xray"):
         raise ValueError(f"preset {name} has no X-ray conditioning; --study geometry needs one")
     dev = torch.device(device)
@@ -234,18 +245,20 @@ def official_comparison(root: Path, latent_sizes: list[int], precisions: list[st
                         official_optimizer: str = "default") -> dict:
     """Training-step time of the base preset vs the official BiFlowNet (same width/depth), interleaved.
 
-    Ours runs twice: as the preset ships (activation checkpointing on: blocks are recomputed in backward to
-    fit 32^3 latents on 24 GB GPUs) and without it, like the official network, which has no recompute.
+    Ours runs twice: as the preset ships (``grad_checkpointing: auto``, decided for batch 1 on this machine as
+    training decides it) and with the other setting (recompute on or off; the official network has none).
     """
     import torch.nn.functional as F
 
     official_cls = _load_official(root)
-    rows = []
+    rows, shipped = [], {}
     for size in latent_sizes:
-        cfg = preset("base", size)
+        cfg = preset("base", size, batch=1)
+        other = "ours_no_recompute" if cfg["grad_checkpointing"] else "ours_recompute"
+        shipped[size] = cfg["grad_checkpointing"]
         torch.manual_seed(0)
-        nets = {"ours": BiFlowNet(**cfg), "ours_no_recompute": BiFlowNet(**{**cfg, "grad_checkpointing": False})}
-        nets["ours_no_recompute"].load_state_dict(nets["ours"].state_dict())
+        nets = {"ours": BiFlowNet(**cfg), other: BiFlowNet(**{**cfg, "grad_checkpointing": not cfg["grad_checkpointing"]})}
+        nets[other].load_state_dict(nets["ours"].state_dict())
         official = official_cls(dim=cfg["model_channels"], dim_mults=tuple(cfg["channel_mults"]), channels=cfg["in_channels"],
                                 cond_classes=cfg["num_classes"] or None, use_sparse_linear_attn=[int(i in cfg["attn_levels"])
                                                                                         for i in range(len(cfg["channel_mults"]))],
@@ -292,8 +305,9 @@ def official_comparison(root: Path, latent_sizes: list[int], precisions: list[st
             "threads": torch.get_num_threads(), "repetitions": steps, "cpu_native_bf16": _native_bf16(),
             "optimizers": {"ours": "config/optimizer/adamw.yaml",
                            "official": "torch.optim.AdamW" + (" as ours" if official_optimizer == "fused" else "")},
-            "ours": "base preset as shipped (activation checkpointing on)",
-            "ours_no_recompute": "the same weights with grad_checkpointing=false, like the official network",
+            "ours": "base preset as shipped (grad_checkpointing: auto, decided for batch 1 on this machine)",
+            "ours_grad_checkpointing": {str(k): v for k, v in shipped.items()},
+            "ours_recompute / ours_no_recompute": "the same weights with the other grad_checkpointing setting",
             "params": params, "results": rows}
 
 
@@ -305,7 +319,7 @@ def profile_step(name: str, latent_size: int | None, batch: int, precisions: lis
     """Self time per operator of one training step (the step's wall time and its top ``top`` operators)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = preset(name, latent_size)
+    cfg = preset(name, latent_size, batch)
     torch.manual_seed(0)
     net = BiFlowNet(**cfg)
     z, cond = _step_inputs(cfg, batch, torch.device("cpu"))
@@ -328,6 +342,7 @@ def profile_step(name: str, latent_size: int | None, batch: int, precisions: lis
                              for e in events[:top]]})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {"benchmark": "biflownet_profile", "preset": name, "latent_shape": cfg["latent_shape"], "batch": batch,
+            "grad_checkpointing": cfg["grad_checkpointing"],
             "threads": torch.get_num_threads(), "cpu_native_bf16": _native_bf16(), "copy_ops": list(COPY_OPS),
             "results": rows}
 

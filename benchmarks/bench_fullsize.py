@@ -223,13 +223,16 @@ def stage_codec(args: argparse.Namespace, workdir: Path) -> dict:
 def stage_dit_step(args: argparse.Namespace, workdir: Path) -> dict:
     """One BiFlowNet training step through the real LightningModule (AdamW, EMA, clipping)."""
     import hydra
+
+    from ddpm.memory import grad_checkpointing_for
     from torch.utils.data import DataLoader
 
     factor = ae_factor(args.ae_experiment)
     base = compose("train_BiFlowNet", [f"experiment={args.dit_experiment}"])
     net = network_for(plain(base.network), args.size // factor)
+    net["grad_checkpointing"] = grad_checkpointing_for(net, args.dit_batch, "cpu")[0]  # as training decides `auto`
     overrides = [f"experiment={args.dit_experiment}", f"network.latent_shape={net['latent_shape']}",
-                 "module.dataset_json=null"]
+                 f"network.grad_checkpointing={net['grad_checkpointing']}", "module.dataset_json=null"]
     if net.get("xray"):
         overrides.append(f"network.xray.image_size={net['xray']['image_size']}")
     cfg = compose("train_BiFlowNet", overrides)

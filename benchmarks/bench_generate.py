@@ -42,7 +42,8 @@ def build(size: int, ae_preset: str, network: str, xray_size: int, sampler: str,
     ae = PatchVolumeAutoencoder(**OmegaConf.to_container(ae_cfg)).eval().to(device)
     lat = size // ae.downsample_factor
     net_cfg = OmegaConf.to_container(OmegaConf.load(CONFIG / "diffusion" / "network" / f"{network}.yaml"))
-    net_cfg.update(in_channels=ae.latent_channels, latent_shape=[lat] * 3, num_classes=0)  # X-ray conditioned only
+    net_cfg.update(in_channels=ae.latent_channels, latent_shape=[lat] * 3, num_classes=0,  # X-ray conditioned only
+                   grad_checkpointing=False)  # sampling only: no backward to save memory for
     if net_cfg.get("xray"):
         net_cfg["xray"]["image_size"] = [xray_size, xray_size]
     model = BiFlowNet(**net_cfg).eval().to(device)

@@ -30,85 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from benchmarks.bench_autoencoder import preset_config
 from benchmarks.common import network_for
 from dataset.cli import OneLineParser, number, run_cli
+from ddpm.memory import STATE_BYTES_PER_PARAMETER, LiveBytes, count_training_step, parameter_bytes, step_inputs
 
 PROG = "python -m benchmarks.bench_memory"
 NETWORKS = Path(__file__).resolve().parents[1] / "config" / "diffusion" / "network"
 GB = 1e9
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of every tensor storage created inside it while the storage is alive.
-
-    ``peak`` is the largest total at any moment; ``peak_activations`` the largest total without the parameter
-    gradients accumulated so far (counted through ``grad_bytes``, which a post-accumulate hook keeps). On
-    ``meta``, ``nonzero`` (the footprint attention's voxel lists) has no data to count: every element counts.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        import torch.fx.experimental._config as fx_config
-
-        self._nonzero = fx_config.patch(meta_nonzero_assume_all_nonzero=True)
-        self.live = 0
-        self.peak = 0
-        self.grad_bytes = 0
-        self.peak_activations = 0
-        self._alive: set[int] = set()
-
-    def __enter__(self):
-        self._nonzero.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        try:
-            return super().__exit__(*exc)
-        finally:
-            self._nonzero.__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = id(storage) if t.device.type == "meta" else storage.data_ptr()
-                if key in self._alive:
-                    continue
-                self._alive.add(key)
-                n = storage.nbytes()
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                self.peak_activations = max(self.peak_activations, self.live - self.grad_bytes)
-                weakref.finalize(storage, self._free, key, n)
-        return out
-
-    def _free(self, key: int, n: int) -> None:
-        self.live -= n
-        self._alive.discard(key)
-
-    @contextmanager
-    def counting_gradients(self, module: torch.nn.Module):
-        """Keep ``grad_bytes`` up to date while ``module``'s parameter gradients accumulate."""
-        def hook(p: torch.Tensor) -> None:
-            self.grad_bytes += p.grad.nbytes if p.grad is not None else 0
-
-        handles = [p.register_post_accumulate_grad_hook(hook) for p in module.parameters() if p.requires_grad]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 @contextmanager
@@ -121,15 +56,12 @@ def fused_attention():
     import torch.nn.functional as F
 
     reference = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: q.new_empty(*q.shape[:-1], v.shape[-1])
+    F.scaled_dot_product_attention = lambda query, key, value, *args, **kwargs: query.new_empty(*query.shape[:-1],
+                                                                                              value.shape[-1])
     try:
         yield
     finally:
         F.scaled_dot_product_attention = reference
-
-
-def parameter_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def biflownet_config(network: str, ct_size: int, checkpointing: bool) -> dict:
@@ -137,38 +69,6 @@ def biflownet_config(network: str, ct_size: int, checkpointing: bool) -> dict:
     cfg = network_for(base, ct_size // 8)
     cfg["grad_checkpointing"] = checkpointing
     return cfg
-
-
-def biflownet_inputs(cfg: dict, batch: int, device: str) -> dict:
-    z = torch.randn(batch, cfg["in_channels"], *cfg["latent_shape"], device=device)
-    out = {"x": z, "t": torch.randint(0, 1000, (batch,), device=device)}
-    if cfg.get("xray"):
-        for view in ("ap", "lat"):
-            out[view] = torch.rand(batch, 1, *cfg["xray"]["image_size"], device=device)
-    if cfg.get("num_classes"):
-        out["y"] = torch.zeros(batch, dtype=torch.long, device=device)
-    return out
-
-
-def biflownet_step(cfg: dict, batch: int, device: str = "meta", bf16: bool = False) -> LiveBytes:
-    """Live bytes of one BiFlowNet training step (forward, loss, backward) on ``device``."""
-    from ddpm import BiFlowNet, biflownet
-
-    with torch.device(device):
-        net = BiFlowNet(**cfg)
-    inputs = biflownet_inputs(cfg, batch, device)
-    counter = LiveBytes()
-    native = biflownet._native_cpu_bf16
-    biflownet._native_cpu_bf16 = lambda: True  # count bf16 even where this CPU would fall back to fp32
-    try:
-        with counter, counter.counting_gradients(net):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = net(**inputs)
-            (out.float() - inputs["x"]).square().mean().backward()
-    finally:
-        biflownet._native_cpu_bf16 = native
-    counter.params = parameter_bytes(net)
-    return counter
 
 
 def biflownet_sample(cfg: dict, rows: int) -> tuple[int, int]:
@@ -179,7 +79,7 @@ def biflownet_sample(cfg: dict, rows: int) -> tuple[int, int]:
         net = BiFlowNet(**{**cfg, "grad_checkpointing": False}).eval()
     counter = LiveBytes()
     with counter, torch.no_grad(), fused_attention():
-        net(**biflownet_inputs(cfg, rows, "meta"))
+        net(**step_inputs(cfg, rows, "meta"))
     return counter.peak, parameter_bytes(net)
 
 
@@ -218,19 +118,19 @@ def autoencoder_train(preset: str, batch: int) -> tuple[int, int]:
 
 def measure(network: str, ae_preset: str, sizes: list[int], batches: list[int], samples: int, check: bool) -> dict:
     mid = biflownet_config(network, 192, False)  # 24^3 latents: real tensors, both precisions, on this CPU
-    fp32, bf16 = biflownet_step(mid, 1, "cpu"), biflownet_step(mid, 1, "cpu", bf16=True)
+    fp32, bf16 = count_training_step(mid, 1, "cpu"), count_training_step(mid, 1, "cpu", bf16=True)
     out: dict = {"benchmark": "memory", "network": network, "autoencoder": ae_preset, "precision": "fp32",
                  "bf16_peak_ratio": round(bf16.peak / fp32.peak, 3),
                  "not_included": "CUDA context and workspaces (~0.5-1 GB per process), allocator fragmentation, "
                                  "data loading", "biflownet_train": [], "generate": [], "autoencoder_train": []}
     if check:
-        out["check_24cubed"] = {"cpu_peak_gb": round(fp32.peak / GB, 3), "meta_peak_gb": round(biflownet_step(mid, 1).peak / GB, 3)}
+        out["check_24cubed"] = {"cpu_peak_gb": round(fp32.peak / GB, 3), "meta_peak_gb": round(count_training_step(mid, 1).peak / GB, 3)}
     for size in sizes:
         for checkpointing in (True, False):
             cfg = biflownet_config(network, size, checkpointing)
             for batch in batches:
-                c = biflownet_step(cfg, batch)
-                static = 4 * c.params  # AdamW's two fp32 moments and the fp32 EMA copy, next to the weights
+                c = count_training_step(cfg, batch)
+                static = STATE_BYTES_PER_PARAMETER * c.params // 4  # AdamW moments and the EMA copy
                 row = {"ct": size, "latent": size // 8, "batch": batch, "checkpointing": checkpointing,
                        "params_m": round(c.params / 4 / 1e6, 1), "step_peak_gb": round(c.peak / GB, 2),
                        "total_gb": round((c.params + static + c.peak) / GB, 2)}

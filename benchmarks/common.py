@@ -131,7 +131,7 @@ def random_generator(autoencoder: PatchVolumeAutoencoder, network: dict, process
     if int(network["in_channels"]) != autoencoder.latent_channels:
         raise ValueError(f"network in_channels={network['in_channels']} but the autoencoder makes "
                          f"{autoencoder.latent_channels}-channel latents")
-    model = BiFlowNet(**network).eval().requires_grad_(False).to(device)
+    model = BiFlowNet(**{**network, "grad_checkpointing": False}).eval().requires_grad_(False).to(device)  # no training
     c = autoencoder.latent_channels
     xr = model.xray_encoder
     conditioning = {

@@ -181,10 +181,13 @@ def piece_train_step(args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from ddpm import BiFlowNet, Diffusion
+    from ddpm.memory import grad_checkpointing_for
 
     device, s = device_of(args), sizes(args)
     cfg = biflownet_config(args)
     net, process = plain(cfg.network), plain(cfg.process)
+    # `auto` decided as training decides it, for the largest batch timed here
+    net["grad_checkpointing"] = grad_checkpointing_for(net, max(s.batches), "cpu" if device.type == "cpu" else "auto")[0]
     torch.manual_seed(0)
     model = BiFlowNet(**net).to(device).train()
     diffusion = Diffusion(**process)

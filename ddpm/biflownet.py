@@ -373,6 +373,9 @@ class BiFlowNet(nn.Module):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if grad_checkpointing not in (True, False):
+            raise ValueError(f"grad_checkpointing={grad_checkpointing!r}; expected true or false (train_BiFlowNet "
+                             "decides `auto` per run before building the network, see ddpm.memory)")
         mults = [int(m) for m in channel_mults]
         if not mults or mults[0] != 1:
             raise ValueError(f"channel_mults must start with 1 (a full-resolution fusion level), got {mults}")

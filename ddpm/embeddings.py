@@ -77,7 +77,7 @@ class LabelEmbedder(nn.Module):
         """
         if labels.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"class labels must be integers, got dtype {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        if labels.numel() and not labels.is_meta and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(
                 f"class labels must lie in [0, {self.num_classes}), got min {int(labels.min())} max {int(labels.max())}"
             )

@@ -21,6 +21,7 @@ from dataset.cli import hydra_entry, hydra_task, quiet_libraries
 from dataset.latents import check_latent_origin
 from dataset.manifest import Manifest
 from ddpm.loading import read_network_config
+from ddpm.memory import grad_checkpointing_for
 from dataset.xray_harmonization import IntensityReference
 from ddpm.preflight import check_training_inputs, read_latent_stats
 from train.common import (ProgressReport, RunState, build_trainer, check_resume, configure_threads, data_identity,
@@ -75,7 +76,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     if cfg.get("init_from"):
         # fine-tuning: the base checkpoint defines the architecture; only runtime settings come from the config
         base_net = read_network_config(cfg.init_from)
-        base_net["grad_checkpointing"] = bool(cfg.network.get("grad_checkpointing", False))
+        base_net["grad_checkpointing"] = cfg.network.get("grad_checkpointing", False)
         with open_dict(cfg):
             cfg.network = base_net
     net = cfg.network
@@ -87,6 +88,18 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     identity = data_identity(cfg.data.manifest, {"latent_autoencoder": stats.ae_fingerprint if stats else None})
     batch = per_rank_batch(int(cfg.global_batch_size), world, identity["train_subjects"],
                            bool(cfg.data.get("drop_last", False)), cfg.data.manifest)
+
+    strategy = cfg.trainer.get("strategy")
+    if str(net.get("grad_checkpointing")) == "auto" and OmegaConf.is_dict(strategy) and \
+            strategy.get("activation_checkpointing_policy") is not None:
+        recompute, note = False, "network.grad_checkpointing=auto: off, the trainer strategy checkpoints the blocks itself"
+    else:
+        recompute, note = grad_checkpointing_for(OmegaConf.to_container(net, resolve=True), batch,
+                                                 str(cfg.trainer.get("accelerator", "auto")))
+    if note and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(note, flush=True)
+    with open_dict(cfg):
+        cfg.network.grad_checkpointing = recompute
 
     checkpoint_dir = Path(cfg.callbacks.checkpoint.dirpath)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir)

@@ -140,6 +140,7 @@ def test_manifest_without_latents_is_rejected(tiny_prepared_dataset: Path, tmp_p
         ("network.in_channels=8", "network config expects"),
         ("network.xray.image_size=[64,64]", r"X-ray is \(32, 32\), but network.xray.image_size is \(64, 64\)"),
         ("global_batch_size=3 trainer.devices=2", "not divisible by the world size 2"),
+        ("network.grad_checkpointing=sometimes", "network.grad_checkpointing='sometimes'; expected true, false or auto"),
     ],
 )
 def test_bad_configuration_against_the_data_is_rejected(latent_dataset: Path, tmp_path: Path, override: str, match: str) -> None:
@@ -188,3 +189,24 @@ def test_fewer_training_subjects_than_the_batch_lowers_it_with_a_warning(capsys:
         per_rank_batch(8, 2, 1, True, "m.csv")
     with pytest.raises(ValueError, match="not divisible by the world size 2"):
         per_rank_batch(3, 2, 10, True, "m.csv")
+
+
+@pytest.mark.parametrize("memory_gb, recompute", [(64.0, False), (0.001, True)])
+def test_auto_grad_checkpointing_is_decided_by_the_counted_step(latent_dataset: Path, tmp_path: Path, memory_gb: float,
+                                                                recompute: bool, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """`auto` counts the step and recomputes only when it does not fit the device; the run trains with the decided
+    bool, prints what it chose, and the checkpoint carries the bool (generation never sees `auto`)."""
+    import ddpm.memory
+
+    monkeypatch.setattr(ddpm.memory, "device_memory", lambda accelerator: (int(memory_gb * 1e9), "test device"))
+    seen = []
+    monkeypatch.setattr(ddpm.memory, "resolve_grad_checkpointing",
+                        lambda *a, _f=ddpm.memory.resolve_grad_checkpointing: seen.append(_f(*a)) or seen[-1])
+    out = run(_compose([*_overrides(latent_dataset, tmp_path, steps=1), "network.grad_checkpointing=auto"]))
+    printed = capsys.readouterr().out
+    assert seen and seen[0][0] is recompute and seen[0][1] > 0
+    assert f"network.grad_checkpointing=auto: a training step without recompute needs" in printed
+    assert f"test device: recompute {'on' if recompute else 'off'}" in printed
+    loaded = load_biflownet(out["last_checkpoint"])
+    assert loaded.hparams["network"]["grad_checkpointing"] is recompute
