@@ -22,8 +22,8 @@ X-ray-conditioned ``base`` preset against the official 3D MedDiffusion BiFlowNet
 depth, imported from a checkout of that project in ``DIR`` (read-only, never copied here), interleaved in
 one process with the same thread count, in fp32 and under bf16 autocast; each network with its own
 training optimiser (ours: ``config/optimizer/adamw.yaml``; official: ``torch.optim.AdamW``, or the same
-fused AdamW as ours with ``--official-optimizer fused``). Ours runs as shipped (activation checkpointing on)
-and without recompute, like the official. Medians and ratios (ours / official).
+fused AdamW as ours with ``--official-optimizer fused``). Ours runs as shipped (``grad_checkpointing: auto``,
+decided for batch 1 on this machine) and with the other setting. Medians and ratios (ours / official).
 
 ``--profile N`` profiles one training step of ``--preset`` (after a warm-up step; fp32 and, with
 ``--precisions``, bf16 autocast) with ``torch.profiler`` and reports the step's wall time, the ``N`` operators
@@ -34,6 +34,7 @@ with the most self time, and how much of the step went into copying data between
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -259,12 +260,13 @@ def official_comparison(root: Path, latent_sizes: list[int], precisions: list[st
         torch.manual_seed(0)
         nets = {"ours": BiFlowNet(**cfg), other: BiFlowNet(**{**cfg, "grad_checkpointing": not cfg["grad_checkpointing"]})}
         nets[other].load_state_dict(nets["ours"].state_dict())
-        official = official_cls(dim=cfg["model_channels"], dim_mults=tuple(cfg["channel_mults"]), channels=cfg["in_channels"],
-                                cond_classes=cfg["num_classes"] or None, use_sparse_linear_attn=[int(i in cfg["attn_levels"])
-                                                                                        for i in range(len(cfg["channel_mults"]))],
-                                sub_volume_size=(cfg["sub_volume"],) * 3, patch_size=cfg["token_patch"],
-                                DiT_num_heads=cfg["dit_heads"], resnet_groups=cfg["norm_groups"], vq_size=64,
-                                num_mid_DiT=cfg["num_mid_dit"])
+        with contextlib.redirect_stdout(sys.stderr):  # the official constructor prints its grid size; stdout is the JSON
+            official = official_cls(dim=cfg["model_channels"], dim_mults=tuple(cfg["channel_mults"]), channels=cfg["in_channels"],
+                                    cond_classes=cfg["num_classes"] or None, use_sparse_linear_attn=[int(i in cfg["attn_levels"])
+                                                                                            for i in range(len(cfg["channel_mults"]))],
+                                    sub_volume_size=(cfg["sub_volume"],) * 3, patch_size=cfg["token_patch"],
+                                    DiT_num_heads=cfg["dit_heads"], resnet_groups=cfg["norm_groups"], vq_size=64,
+                                    num_mid_DiT=cfg["num_mid_dit"])
         opts = {k: training_optimizer(n.parameters()) for k, n in nets.items()}
         opt_official = (torch.optim.AdamW(official.parameters(), lr=1e-4) if official_optimizer == "default"
                         else training_optimizer(official.parameters()))
