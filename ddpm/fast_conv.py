@@ -14,6 +14,16 @@ Where the line lies was measured (forward + backward, fp32, 2 threads, 2-core AM
 convolution (576 x 2^3: 51 instead of 27 ms), and strided ones lose too (72 x 16^3, stride 2: 12 instead
 of 8.5 ms). Those, and the cases PyTorch already sends to oneDNN or cuDNN (CUDA, groups, dilation,
 batches, larger inputs), run the ordinary ``nn.Conv3d`` path.
+
+Convolutions whose output grid has at most ``MAX_IM2COL_VOXELS`` voxels per sample (the 2^3 bottom of
+the U-Net, where ``base`` has 576- and 1152-channel 3^3 kernels of 9 and 18 M weights) run as one matrix
+product with their im2col instead, in any batch size, in fp32 also under CPU bf16 autocast. There the
+cost is moving the kernel, not computing: oneDNN re-lays it out for every call, PyTorch's reference
+kernel accumulates the weight gradient once per sample, and bf16 autocast adds a cast of the kernel, a
+reorder into the AMX layout and a weight-gradient kernel that is slower than the fp32 one. Measured
+(forward + backward, 2 threads, 2-core Xeon with AMX; ``benchmarks/RESULTS.md``), 576 -> 576 channels on
+2^3: 16.6 ms instead of 20.3 (batch 1, reference kernel), 20.4 instead of 72.9 (batch 2, oneDNN), 31.9
+instead of 102 (batch 8), and 43.9 ms under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ if torch.ops.aten.mkldnn_convolution.default not in flop_registry:  # torch coun
 _SLOW_PATH_ELEMENTS = 20480
 # smallest grid (D*H*W) on which our oneDNN path beats the reference kernel (measured: see the module docstring)
 MIN_ONEDNN_VOXELS = 512
+# largest output grid (D*H*W per sample) that runs as one matrix product with the im2col (module docstring)
+MAX_IM2COL_VOXELS = 8
 
 
 def takes_slow_path(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int) -> bool:
@@ -85,10 +97,78 @@ class _OneDnnConv3d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def output_grid(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int, int]:
+    """Spatial size of the convolution's output."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+
+
+def routes_to_im2col(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether :class:`FastConv3d` runs this CPU convolution as one matrix product (a tiny output grid)."""
+    if not (x.device.type == "cpu" and x.dim() == 5 and x.is_floating_point() and groups == 1
+            and all(d == 1 for d in dilation) and all(0 <= p < k for p, k in zip(padding, weight.shape[2:]))):
+        return False
+    grid = output_grid(x, weight, stride, padding, dilation)
+    return min(grid) > 0 and grid[0] * grid[1] * grid[2] <= MAX_IM2COL_VOXELS
+
+
+def _im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """``(N, C, D, H, W)`` -> ``(N*D'*H'*W', C*kd*kh*kw)``: each output voxel's receptive field, in the kernel's order."""
+    p = padding
+    xp = F.pad(x, (p[2], p[2], p[1], p[1], p[0], p[0]))
+    cols = xp.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1]).unfold(4, kernel[2], stride[2])
+    return cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, x.shape[1] * kernel[0] * kernel[1] * kernel[2])
+
+
+class _Im2colConv3d(torch.autograd.Function):
+    """Zero-padded, ungrouped, undilated conv3d as ``im2col @ kernel^T``; every weight is read or written once
+    per pass, and the input gradient is the product folded back onto the input grid (one strided add per tap)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding):
+        k = tuple(weight.shape[2:])
+        grid = output_grid(x, weight, stride, padding, (1, 1, 1))
+        cols = _im2col(x, k, stride, padding)
+        w = weight.reshape(weight.shape[0], -1)
+        out = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
+        ctx.save_for_backward(cols, weight)
+        ctx.geometry = (tuple(x.shape), tuple(stride), tuple(padding), grid, bias is not None)
+        return out.view(x.shape[0], *grid, weight.shape[0]).permute(0, 4, 1, 2, 3)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cols, weight = ctx.saved_tensors
+        shape, s, p, grid, has_bias = ctx.geometry
+        k = weight.shape[2:]
+        g = grad.permute(0, 2, 3, 4, 1).reshape(-1, weight.shape[0])  # (N*D'*H'*W', C_out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.t() @ cols).view(weight.shape)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        if ctx.needs_input_grad[0]:
+            gcols = (g @ weight.reshape(weight.shape[0], -1)).view(shape[0], *grid, shape[1], *k)
+            padded = g.new_zeros(shape[0], shape[1], *(n + 2 * pi for n, pi in zip(shape[2:], p)))
+            for a in range(k[0]):
+                for b in range(k[1]):
+                    for c in range(k[2]):
+                        padded[:, :, a:a + s[0] * (grid[0] - 1) + 1:s[0], b:b + s[1] * (grid[1] - 1) + 1:s[1],
+                               c:c + s[2] * (grid[2] - 1) + 1:s[2]] += gcols[..., a, b, c].permute(0, 4, 1, 2, 3)
+            grad_x = padded[:, :, p[0]:p[0] + shape[2], p[1]:p[1] + shape[3], p[2]:p[2] + shape[4]]
+        return grad_x, grad_w, grad_b, None, None
+
+
 class FastConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose small CPU float32 convolutions run on oneDNN in both directions (same parameters)."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and routes_to_im2col(x, weight, self.stride, self.padding, self.dilation, self.groups)):
+            if torch.is_autocast_enabled("cpu"):  # fp32: moving the kernel costs more than bf16 saves
+                with torch.autocast("cpu", enabled=False):
+                    return _Im2colConv3d.apply(x.float(), weight.float(), None if bias is None else bias.float(),
+                                               tuple(self.stride), tuple(self.padding))
+            return _Im2colConv3d.apply(x, weight, bias, tuple(self.stride), tuple(self.padding))
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str) and not torch.is_autocast_enabled("cpu")
                 and routes_to_onednn(x, weight, self.stride, self.padding, self.dilation, self.groups)):
             return _OneDnnConv3d.apply(x, weight, bias, tuple(self.padding))
@@ -106,4 +186,5 @@ def use_fast_conv3d(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["MIN_ONEDNN_VOXELS", "FastConv3d", "routes_to_onednn", "takes_slow_path", "use_fast_conv3d"]
+__all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_VOXELS", "FastConv3d", "output_grid", "routes_to_im2col", "routes_to_onednn",
+           "takes_slow_path", "use_fast_conv3d"]

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from ddpm.embeddings import sincos_pos_embed_2d
+
+
+class PatchConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with stride = kernel (non-overlapping patches) computed as patchify + one matrix product.
+
+    Same parameters and result as the convolution. On the CPU a 1-channel 16 x 16-patch embedding of a
+    256^2 X-ray took 3.1 ms (fp32) / 2.7 ms (bf16 autocast) forward + backward as a convolution and 0.7 ms
+    as a matrix product (2 threads, Xeon with AMX); oneDNN has no good kernel for one input channel.
+    """
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        if (x.dim() != 4 or tuple(self.stride) != (kh, kw) or isinstance(self.padding, str) or any(self.padding)
+                or any(d != 1 for d in self.dilation) or self.groups != 1 or x.shape[2] % kh or x.shape[3] % kw):
+            return super()._conv_forward(x, weight, bias)
+        b, c, h, w = x.shape
+        cols = x.reshape(b, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, h // kh, w // kw, -1)
+        return F.linear(cols, weight.reshape(weight.shape[0], -1), bias).permute(0, 3, 1, 2)  # (B, dim, h', w')
 
 
 class XrayEncoder(nn.Module):
@@ -52,7 +71,7 @@ class XrayEncoder(nn.Module):
         self.grid_hw = (image_size[0] // patch_size, image_size[1] // patch_size)
         self.num_tokens = 2 * self.grid_hw[0] * self.grid_hw[1]
         self.dim = dim
-        self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = PatchConv2d(1, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid_hw)[None], persistent=False)
         self.view_embed = nn.Parameter(torch.zeros(2, dim))
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])

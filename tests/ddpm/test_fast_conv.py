@@ -10,7 +10,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from ddpm import BiFlowNet
 from ddpm import biflownet as biflownet_module
-from ddpm.fast_conv import MIN_ONEDNN_VOXELS, FastConv3d, routes_to_onednn, takes_slow_path, use_fast_conv3d
+from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, output_grid, routes_to_im2col, routes_to_onednn,
+                            takes_slow_path, use_fast_conv3d)
 from tests.ddpm.conftest import randomize, tiny_network
 
 
@@ -126,3 +127,58 @@ def test_flop_counter_counts_the_onednn_path_like_the_ordinary_one() -> None:
             conv(x).sum().backward()
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+def test_flop_counter_counts_the_tiny_grid_path_like_the_ordinary_one() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    fast, plain = FastConv3d(6, 8, 3, padding=1), nn.Conv3d(6, 8, 3, padding=1)
+    x = torch.randn(2, 6, 2, 2, 2, requires_grad=True)
+    assert routes_to_im2col(x, fast.weight, fast.stride, fast.padding, fast.dilation, fast.groups)
+    counts = []
+    for conv in (fast, plain):
+        with FlopCounterMode(display=False) as counter:
+            conv(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("batch,grid,stride", [(1, (2, 2, 2), 1), (3, (2, 2, 2), 1), (2, (4, 3, 4), 2), (1, (1, 3, 2), 1)])
+def test_tiny_grids_run_as_one_matrix_product_with_exact_gradients(batch: int, grid: tuple, stride: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    conv = FastConv3d(5, 6, 3, stride=stride, padding=1).double()
+    x = torch.randn(batch, 5, *grid, generator=g, dtype=torch.float64, requires_grad=True)
+    assert routes_to_im2col(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias, stride, 1))
+    assert torch.autograd.gradcheck(lambda x, w, b: conv._conv_forward(x, w, b), (x, conv.weight, conv.bias))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        conv(x).sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert not any("conv" in op and "Im2col" not in op for op in ops)  # no convolution kernel at all
+
+
+def test_which_grids_are_tiny() -> None:
+    w3, one = torch.zeros(576, 576, 3, 3, 3), (1, 1, 1)
+    assert MAX_IM2COL_VOXELS == 8
+    assert routes_to_im2col(torch.zeros(1, 576, 2, 2, 2), w3, one, one, one, 1)
+    assert routes_to_im2col(torch.zeros(8, 576, 2, 2, 2), w3, one, one, one, 1)  # any batch
+    assert routes_to_im2col(torch.zeros(1, 576, 4, 4, 4), w3, (2, 2, 2), one, one, 1)  # output 2^3
+    assert not routes_to_im2col(torch.zeros(1, 576, 4, 4, 4), w3, one, one, one, 1)  # output 4^3
+    assert not routes_to_im2col(torch.zeros(1, 576, 2, 2, 2), w3, one, one, (2, 2, 2), 1)  # dilated
+    assert not routes_to_im2col(torch.zeros(1, 576, 2, 2, 2), torch.zeros(576, 288, 3, 3, 3), one, one, one, 2)
+    assert not routes_to_im2col(torch.zeros(1, 576, 2, 2, 2), w3, one, (3, 3, 3), one, 1)  # padding >= kernel
+    assert output_grid(torch.zeros(1, 1, 5, 6, 7), w3, (2, 1, 1), (1, 0, 1), one) == (3, 4, 7)
+
+
+def test_tiny_grids_compute_in_fp32_under_cpu_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    conv = FastConv3d(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 2, 2, 2).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.conv3d(x.float(), conv.weight, conv.bias, 1, 1))
+    big = torch.randn(1, 16, 4, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(big).dtype == torch.bfloat16  # larger grids keep autocast's bf16

@@ -198,3 +198,26 @@ def test_module_trains_and_validates_with_per_sample_geometry(tmp_path: Path) ->
         assert net.geometry == DEFAULT and net.xray.latent_spacing == pytest.approx(SPACING)
     # the three non-default geometries went through the per-sample path (the validation batch: the EMA copy's)
     assert len(module.model.xray._cache) == 3 and len(module.ema_model.xray._cache) == 1
+
+
+def test_back_projection_projects_on_the_detector_first_with_the_same_result_and_gradients() -> None:
+    """``bp_proj`` applied to the detector maps before spreading them along the rays (cone beam, two
+    geometries in a batch) equals the 1x1x1 convolution of the spread features, values and gradients."""
+    from ddpm.projection import back_project
+
+    net = randomize(_net()).double()
+    xray = net.xray
+    ap = torch.rand(2, 1, *xray.encoder.image_size, dtype=torch.float64)
+    lat = torch.rand_like(ap)
+    grid_ap, grid_lat, _ = xray.projection(_pack(DEFAULT, OTHERS[0], dtype=torch.float64), 2)
+    tokens = xray.encoder(ap, lat)[0].detach().requires_grad_()
+    ap_map, lat_map = xray.encoder.token_maps(tokens)
+    reference = xray.bp_proj(torch.cat([back_project(ap_map, grid_ap), back_project(lat_map, grid_lat)], dim=1))
+    result = xray._back_projected(tokens, grid_ap, grid_lat)
+    assert result.shape == (2, xray.bp_proj.out_channels, *xray.latent_shape)
+    torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(result)
+    got = torch.autograd.grad(result, [tokens, xray.bp_proj.weight, xray.bp_proj.bias], grad)
+    want = torch.autograd.grad(reference, [tokens, xray.bp_proj.weight, xray.bp_proj.bias], grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

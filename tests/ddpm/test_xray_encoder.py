@@ -58,3 +58,18 @@ def test_token_maps_is_the_inverse_of_the_token_order() -> None:
     for c in range(3):
         torch.testing.assert_close(ap_map[1, c], expected, rtol=0, atol=0)
         torch.testing.assert_close(lat_map[1, c], expected + 6, rtol=0, atol=0)
+
+
+def test_patch_embedding_is_the_strided_convolution_with_its_gradients() -> None:
+    from ddpm.xray_encoder import PatchConv2d
+
+    g = torch.Generator().manual_seed(0)
+    for channels, patch, hw in [(1, 4, (8, 12)), (3, 2, (6, 4))]:
+        conv = PatchConv2d(channels, 5, patch, stride=patch).double()
+        x = torch.randn(2, channels, *hw, generator=g, dtype=torch.float64, requires_grad=True)
+        torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, patch))
+        assert torch.autograd.gradcheck(lambda x, w, b: conv._conv_forward(x, w, b), (x, conv.weight, conv.bias))
+    odd = PatchConv2d(1, 5, 4, stride=4)  # 10 x 10 does not split into 4 x 4 patches: the convolution's own result
+    x = torch.randn(1, 1, 10, 10, generator=g)
+    torch.testing.assert_close(odd(x), torch.nn.functional.conv2d(x, odd.weight, odd.bias, 4))
+    assert isinstance(XrayEncoder(image_size=(8, 12), patch_size=4, dim=8, depth=0, num_heads=2).patch_embed, PatchConv2d)
