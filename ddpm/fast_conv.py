@@ -16,8 +16,9 @@ of 8.5 ms). Those, and the cases PyTorch already sends to oneDNN or cuDNN (CUDA,
 batches, larger inputs), run the ordinary ``nn.Conv3d`` path.
 
 Convolutions whose output grid has at most ``MAX_IM2COL_VOXELS`` voxels per sample (the 2^3 bottom of
-the U-Net, where ``base`` has 576- and 1152-channel 3^3 kernels of 9 and 18 M weights) run as one matrix
-product with their im2col instead, in any batch size, in fp32 also under CPU bf16 autocast. There the
+the U-Net, where ``base`` has 576- and 1152-channel 3^3 kernels of 9 and 18 M weights), and fewer output
+positions in the batch than weights per output channel, run as one matrix product with their im2col
+instead, in fp32 also under CPU bf16 autocast. There the
 cost is moving the kernel, not computing: oneDNN re-lays it out for every call, PyTorch's reference
 kernel accumulates the weight gradient once per sample, and bf16 autocast adds a cast of the kernel, a
 reorder into the AMX layout and a weight-gradient kernel that is slower than the fp32 one. Measured
@@ -109,7 +110,10 @@ def routes_to_im2col(x: torch.Tensor, weight: torch.Tensor, stride, padding, dil
             and all(d == 1 for d in dilation) and all(0 <= p < k for p, k in zip(padding, weight.shape[2:]))):
         return False
     grid = output_grid(x, weight, stride, padding, dilation)
-    return min(grid) > 0 and grid[0] * grid[1] * grid[2] <= MAX_IM2COL_VOXELS
+    voxels = grid[0] * grid[1] * grid[2]
+    # and the kernel outweighs the data: fewer output positions than weights per output channel (a batch
+    # of many small inputs with few channels, e.g. BiFlowNet's token embedding, is faster on PyTorch's path)
+    return 0 < voxels <= MAX_IM2COL_VOXELS and x.shape[0] * voxels <= weight[0].numel()
 
 
 def _im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:

@@ -162,7 +162,10 @@ def test_which_grids_are_tiny() -> None:
     w3, one = torch.zeros(576, 576, 3, 3, 3), (1, 1, 1)
     assert MAX_IM2COL_VOXELS == 8
     assert routes_to_im2col(torch.zeros(1, 576, 2, 2, 2), w3, one, one, one, 1)
-    assert routes_to_im2col(torch.zeros(8, 576, 2, 2, 2), w3, one, one, one, 1)  # any batch
+    assert routes_to_im2col(torch.zeros(8, 576, 2, 2, 2), w3, one, one, one, 1)  # 64 positions, 15552 weights each
+    w2 = torch.zeros(32, 8, 2, 2, 2)  # token embedding of 4^3 sub-volumes: 2^3 outputs, 64 weights per channel
+    assert routes_to_im2col(torch.zeros(8, 8, 4, 4, 4), w2, (2, 2, 2), (0, 0, 0), one, 1)
+    assert not routes_to_im2col(torch.zeros(256, 8, 4, 4, 4), w2, (2, 2, 2), (0, 0, 0), one, 1)  # 2048 positions
     assert routes_to_im2col(torch.zeros(1, 576, 4, 4, 4), w3, (2, 2, 2), one, one, 1)  # output 2^3
     assert not routes_to_im2col(torch.zeros(1, 576, 4, 4, 4), w3, one, one, one, 1)  # output 4^3
     assert not routes_to_im2col(torch.zeros(1, 576, 2, 2, 2), w3, one, one, (2, 2, 2), 1)  # dilated
