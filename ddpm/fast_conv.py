@@ -124,6 +124,15 @@ def _im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     return cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, x.shape[1] * kernel[0] * kernel[1] * kernel[2])
 
 
+def _fold_index(grid, kernel, stride, padded, device: torch.device) -> torch.Tensor:
+    """Flat index on the padded input grid of every (output voxel, kernel tap), output-major, taps in kernel order."""
+    axes = [(torch.arange(g) * s)[:, None] + torch.arange(k)[None] for g, k, s in zip(grid, kernel, stride)]  # (g, k)
+    d, h, w = axes
+    index = (d[:, None, None, :, None, None] * padded[1] + h[None, :, None, None, :, None]) * padded[2] \
+        + w[None, None, :, None, None, :]
+    return index.reshape(-1).to(device)
+
+
 class _Im2colConv3d(torch.autograd.Function):
     """Zero-padded, ungrouped, undilated conv3d as ``im2col @ kernel^T``; every weight is read or written once
     per pass, and the input gradient is the product folded back onto the input grid (one strided add per tap)."""
@@ -151,13 +160,13 @@ class _Im2colConv3d(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         if ctx.needs_input_grad[0]:
-            gcols = (g @ weight.reshape(weight.shape[0], -1)).view(shape[0], *grid, shape[1], *k)
-            padded = g.new_zeros(shape[0], shape[1], *(n + 2 * pi for n, pi in zip(shape[2:], p)))
-            for a in range(k[0]):
-                for b in range(k[1]):
-                    for c in range(k[2]):
-                        padded[:, :, a:a + s[0] * (grid[0] - 1) + 1:s[0], b:b + s[1] * (grid[1] - 1) + 1:s[1],
-                               c:c + s[2] * (grid[2] - 1) + 1:s[2]] += gcols[..., a, b, c].permute(0, 4, 1, 2, 3)
+            cols_grad = g @ weight.reshape(weight.shape[0], -1)  # (N*D'*H'*W', C_in*kd*kh*kw)
+            dims = tuple(n + 2 * pi for n, pi in zip(shape[2:], p))
+            padded = g.new_zeros(shape[0], shape[1], dims[0] * dims[1] * dims[2])
+            src = cols_grad.view(shape[0], -1, shape[1], k[0] * k[1] * k[2]).permute(0, 2, 1, 3)
+            # fold: every (output voxel, tap) adds onto its padded input voxel, in one scatter-add
+            padded.index_add_(2, _fold_index(grid, tuple(k), tuple(s), dims, g.device), src.reshape(shape[0], shape[1], -1))
+            padded = padded.view(shape[0], shape[1], *dims)
             grad_x = padded[:, :, p[0]:p[0] + shape[2], p[1]:p[1] + shape[3], p[2]:p[2] + shape[4]]
         return grad_x, grad_w, grad_b, None, None
 

@@ -201,3 +201,28 @@ def test_unet_attention_is_fused_and_equals_the_explicit_softmax(inputs: dict) -
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, [p.grad for p in net.parameters() if p.grad is not None]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim,heads,fp32", [(16, 2, True), (72, 8, True), (64, 2, False)])
+def test_narrow_attention_heads_compute_in_fp32_under_cpu_bf16_autocast(dim: int, heads: int, fp32: bool) -> None:
+    """Heads narrower than CPU_BF16_MIN_HEAD_DIM (32) leave CPU bf16 autocast for the self- and cross-attention
+    sub-layers (measured faster there); wider ones, and fp32 runs, are untouched."""
+    from ddpm.dit_block import CPU_BF16_MIN_HEAD_DIM, attention_in_fp32
+
+    assert CPU_BF16_MIN_HEAD_DIM == 32
+    block = randomize(DiTBlock(dim=dim, num_heads=heads, cond_dim=16, context_dim=12)).eval()
+    seen = {}
+    block.attn.qkv.register_forward_hook(lambda m, i, o: seen.__setitem__("self", o.dtype))
+    block.cross.q.register_forward_hook(lambda m, i, o: seen.__setitem__("cross", o.dtype))
+    block.mlp.fc1.register_forward_hook(lambda m, i, o: seen.__setitem__("mlp", o.dtype))
+    x, c, ctx = torch.randn(4, 8, dim), torch.randn(4, 16), torch.randn(2, 5, 12)
+    with torch.no_grad():
+        reference = block(x, c, ctx)
+        assert seen == {"self": torch.float32, "cross": torch.float32, "mlp": torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert attention_in_fp32(x, dim // heads) is fp32
+            mixed = block(x, c, ctx)
+    expected = torch.float32 if fp32 else torch.bfloat16
+    assert seen == {"self": expected, "cross": expected, "mlp": torch.bfloat16}
+    torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=0.05)
+    assert not attention_in_fp32(x, dim // heads)  # outside autocast: nothing to change
