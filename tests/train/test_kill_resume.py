@@ -34,7 +34,10 @@ def _step(path: Path) -> int:
 
 
 def _kill_after_checkpoint(module: str, overrides: list[str], last: Path, step: int, timeout: float = 240) -> int:
-    """Start ``python -m module`` with ``overrides``, SIGKILL it once ``last`` holds ``step`` or later; return that step."""
+    """Start ``python -m module`` with ``overrides``, SIGKILL it once ``last`` holds ``step`` or later; return that step.
+
+    The run is stopped (SIGSTOP) while each checkpoint is read, so it is killed at the first checkpoint seen at or
+    after ``step``, however fast the machine."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -44,10 +47,15 @@ def _kill_after_checkpoint(module: str, overrides: list[str], last: Path, step: 
             if proc.poll() is not None:
                 raise AssertionError(f"{module} ended (code {proc.returncode}) before it was killed: "
                                      f"{proc.stderr.read().decode()[-2000:]}")
-            if last.is_file() and (seen := _step(last)) >= step:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(30)
-                return _step(last)
+            if last.is_file():
+                # freeze the run while its checkpoint is read: on a fast machine it would otherwise write the
+                # next one (or finish the test's range) during the read
+                proc.send_signal(signal.SIGSTOP)
+                if _step(last) >= step:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(30)
+                    return _step(last)
+                proc.send_signal(signal.SIGCONT)
             time.sleep(0.05)
         raise AssertionError(f"{module} wrote no checkpoint of step {step} within {timeout} s")
     finally:
