@@ -22,9 +22,10 @@ instead, in fp32 also under CPU bf16 autocast. There the
 cost is moving the kernel, not computing: oneDNN re-lays it out for every call, PyTorch's reference
 kernel accumulates the weight gradient once per sample, and bf16 autocast adds a cast of the kernel, a
 reorder into the AMX layout and a weight-gradient kernel that is slower than the fp32 one. Measured
-(forward + backward, 2 threads, 2-core Xeon with AMX; ``benchmarks/RESULTS.md``), 576 -> 576 channels on
-2^3: 16.6 ms instead of 20.3 (batch 1, reference kernel), 20.4 instead of 72.9 (batch 2, oneDNN), 31.9
-instead of 102 (batch 8), and 43.9 ms under bf16 autocast.
+when introduced (forward + backward, 2 threads, 2-core Xeon with AMX, glibc's default allocator;
+``benchmarks/RESULTS.md``), 576 -> 576 channels on 2^3: 16.6 ms instead of 20.3 (batch 1, reference
+kernel), 20.4 instead of 72.9 (batch 2, oneDNN), 31.9 instead of 102 (batch 8), and 43.9 ms under bf16
+autocast; with the CLIs' allocator setting and the one-scatter fold, 5.0 ms at batch 1.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _fold_index(grid, kernel, stride, padded, device: torch.device) -> torch.Ten
 
 class _Im2colConv3d(torch.autograd.Function):
     """Zero-padded, ungrouped, undilated conv3d as ``im2col @ kernel^T``; every weight is read or written once
-    per pass, and the input gradient is the product folded back onto the input grid (one strided add per tap)."""
+    per pass, and the input gradient is the product folded back onto the input grid (one scatter-add)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding):
