@@ -20,7 +20,8 @@ every sample of the batch (projection cached after its first use), and new disti
 ``--compare-official DIR`` times training steps (forward, loss, backward, optimiser step; batch 1) of the
 X-ray-conditioned ``base`` preset against the official 3D MedDiffusion BiFlowNet at the same width and
 depth, imported from a checkout of that project in ``DIR`` (read-only, never copied here), interleaved in
-one process with the same thread count, in fp32 and under bf16 autocast; each network with its own
+one process with the same thread count, in fp32 and under bf16 autocast (``--precisions``: by default
+bf16 only where it is native); each network with its own
 training optimiser (ours: ``config/optimizer/adamw.yaml``; official: ``torch.optim.AdamW``, or the same
 fused AdamW as ours with ``--official-optimizer fused``). Ours runs as shipped (``grad_checkpointing: auto``,
 decided for batch 1 on this machine) and with the other setting. Medians and ratios (ours / official).
@@ -426,11 +427,18 @@ def conditioning_study(data: Path, steps: int, batch: int, seed: int) -> dict:
             "train_subjects": len(train), "heldout_subjects": len(held), "results": results}
 
 
-def precision_list(text: str) -> list[str]:
-    """``--precisions``: a comma-separated subset of fp32, bf16."""
+def precision_list(text: str, device: str = "cpu") -> list[str]:
+    """``--precisions``: a comma-separated subset of fp32, bf16, or ``auto``.
+
+    ``auto`` is both on a GPU and on a CPU that computes bf16 natively (AVX512-BF16 / AMX), and fp32 alone on
+    other CPUs: there oneDNN emulates bf16, and the official network's bf16 step took 121 s instead of 3 s (an
+    AVX2 machine, ``benchmarks/RESULTS.md``) for a figure that says nothing about a GPU.
+    """
+    if text == "auto":
+        return ["fp32", "bf16"] if device != "cpu" or _native_bf16() else ["fp32"]
     precisions = [x for x in text.split(",") if x]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
-        raise ValueError(f"--precisions {text!r}; expected a comma-separated subset of fp32,bf16")
+        raise ValueError(f"--precisions {text!r}; expected auto or a comma-separated subset of fp32,bf16")
     return precisions
 
 
@@ -450,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="checkout of the official 3D MedDiffusion: time its BiFlowNet against the base preset")
     p.add_argument("--official-optimizer", choices=["default", "fused"], default="default",
                    help="official network's AdamW: torch's default implementation, or the same fused one as ours")
-    p.add_argument("--precisions", default="fp32,bf16",
-                   help="comma-separated: fp32, bf16 (--compare-official, --profile)")
+    p.add_argument("--precisions", default="auto",
+                   help="comma-separated: fp32, bf16 (--compare-official, --profile); auto (default): both where "
+                        "bf16 is native (GPU, CPUs with AVX512-BF16/AMX), fp32 alone where a CPU emulates it")
     p.add_argument("--profile", type=number(int, min=1), default=None, metavar="N",
                    help="profile one training step of --preset; report its N most expensive operators")
     a = p.parse_args(argv)
@@ -466,10 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         elif a.profile is not None and a.compare_official is not None:
             raise ValueError("--profile and --compare-official are separate runs; give one of them")
         elif a.profile is not None:
-            out = profile_step(a.preset, a.latent_size, a.batch, precision_list(a.precisions), a.profile)
+            out = profile_step(a.preset, a.latent_size, a.batch, precision_list(a.precisions, a.device), a.profile)
         elif a.compare_official is not None:
             sizes = [a.latent_size] if a.latent_size else [16, 32]
-            out = official_comparison(a.compare_official, sizes, precision_list(a.precisions), a.steps,
+            out = official_comparison(a.compare_official, sizes, precision_list(a.precisions, a.device), a.steps,
                                       a.official_optimizer)
         elif a.study == "geometry":
             out = geometry_study(a.preset, a.latent_size, a.batch, a.steps, a.device)

@@ -37,3 +37,12 @@ def test_profile_refuses_bad_options_in_one_line(argv, needle, capsys) -> None:
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precisions_skip_bf16_where_a_cpu_only_emulates_it(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_biflownet, "_native_bf16", lambda: native)
+    assert bench_biflownet.precision_list("auto") == (["fp32", "bf16"] if native else ["fp32"])
+    assert bench_biflownet.precision_list("auto", "cuda") == ["fp32", "bf16"]
+    assert bench_biflownet.precision_list("fp32,bf16") == ["fp32", "bf16"]  # asked for: measured even if emulated
+    assert bench_biflownet.precision_list("bf16") == ["bf16"]
