@@ -23,6 +23,14 @@ def attention_in_fp32(x: torch.Tensor, head_dim: int) -> bool:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
+def _attend(attention: nn.Module, head_dim: int, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``attention(*tensors, **kwargs)``, in fp32 where :func:`attention_in_fp32` says so."""
+    if attention_in_fp32(tensors[0], head_dim):
+        with torch.autocast("cpu", enabled=False):
+            return attention(*(t.float() for t in tensors), **kwargs)
+    return attention(*tensors, **kwargs)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: x (N, T, C), shift/scale (N, C)."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -138,23 +146,14 @@ class DiTBlock(nn.Module):
                 raise ValueError("this DiTBlock was built with skip=True and needs a skip tensor")
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
-        if attention_in_fp32(h, self.attn.head_dim):
-            with torch.autocast("cpu", enabled=False):
-                h = self.attn(h.float())
-        else:
-            h = self.attn(h)
+        h = _attend(self.attn, self.attn.head_dim, modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_msa[:, None] * h
         if self.cross is not None:
             if context is None:
                 raise ValueError("this DiTBlock cross-attends and needs context tokens")
             b = context.shape[0]
             xs = rearrange(x, "(b n) t c -> b (n t) c", b=b)  # one query row per token of the volume
-            if attention_in_fp32(xs, xs.shape[-1] // self.cross.num_heads):
-                with torch.autocast("cpu", enabled=False):
-                    h = self.cross(xs.float(), context.float(), mask)
-            else:
-                h = self.cross(xs, context, mask)
+            h = _attend(self.cross, xs.shape[-1] // self.cross.num_heads, xs, context, mask=mask)
             x = x + rearrange(h, "b (n t) c -> (b n) t c", t=x.shape[1])
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x

@@ -166,7 +166,8 @@ class _Im2colConv3d(torch.autograd.Function):
             padded = g.new_zeros(shape[0], shape[1], dims[0] * dims[1] * dims[2])
             src = cols_grad.view(shape[0], -1, shape[1], k[0] * k[1] * k[2]).permute(0, 2, 1, 3)
             # fold: every (output voxel, tap) adds onto its padded input voxel, in one scatter-add
-            padded.index_add_(2, _fold_index(grid, tuple(k), tuple(s), dims, g.device), src.reshape(shape[0], shape[1], -1))
+            index = _fold_index(grid, tuple(k), tuple(s), dims, g.device)
+            padded.index_add_(2, index, src.reshape(shape[0], shape[1], -1))
             padded = padded.view(shape[0], shape[1], *dims)
             grad_x = padded[:, :, p[0]:p[0] + shape[2], p[1]:p[1] + shape[3], p[2]:p[2] + shape[4]]
         return grad_x, grad_w, grad_b, None, None

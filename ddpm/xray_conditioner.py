@@ -360,7 +360,8 @@ class XrayConditioner(nn.Module):
             return self.bp_proj(torch.cat([back_project(ap_map, grid_ap), back_project(lat_map, grid_lat)], dim=1))
         weight = self.bp_proj.weight.flatten(1)  # (backproj_channels, 2 * dim): AP columns, then LAT
         ap_tok, lat_tok = tokens.chunk(2, dim=1)
-        projected = torch.cat([F.linear(ap_tok, weight[:, :self.encoder.dim]), F.linear(lat_tok, weight[:, self.encoder.dim:])], dim=1)
+        dim = self.encoder.dim
+        projected = torch.cat([F.linear(ap_tok, weight[:, :dim]), F.linear(lat_tok, weight[:, dim:])], dim=1)
         ap_map, lat_map = self.encoder.token_maps(projected)
         out = back_project(ap_map, grid_ap) + back_project(lat_map, grid_lat)
         return out if self.bp_proj.bias is None else out + self.bp_proj.bias.to(out.dtype).view(1, -1, 1, 1, 1)

@@ -114,28 +114,15 @@ def test_cpu_bf16_autocast_computes_in_fp32_only_where_bf16_is_emulated(native: 
         assert mixed.dtype == torch.float32 and torch.equal(mixed, fp32)
 
 
-def test_flop_counter_counts_the_onednn_path_like_the_ordinary_one() -> None:
+@pytest.mark.parametrize("cin,shape,route", [(4, (1, 4, 8, 8, 8), routes_to_onednn), (6, (2, 6, 2, 2, 2), routes_to_im2col)],
+                         ids=["onednn", "tiny-grid"])
+def test_flop_counter_counts_our_paths_like_the_ordinary_one(cin: int, shape: tuple, route) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    fast, plain = FastConv3d(4, 8, 3, padding=1), nn.Conv3d(4, 8, 3, padding=1)
-    x = torch.randn(1, 4, 8, 8, 8, requires_grad=True)
-    assert routes_to_onednn(x, fast.weight, fast.stride, fast.padding, fast.dilation, fast.groups)
-    counts = []
-    for conv in (fast, plain):
-        with FlopCounterMode(display=False) as counter:
-            conv(x).sum().backward()
-        counts.append(counter.get_total_flops())
-    assert counts[0] == counts[1] > 0
-
-
-def test_flop_counter_counts_the_tiny_grid_path_like_the_ordinary_one() -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    torch.manual_seed(0)
-    fast, plain = FastConv3d(6, 8, 3, padding=1), nn.Conv3d(6, 8, 3, padding=1)
-    x = torch.randn(2, 6, 2, 2, 2, requires_grad=True)
-    assert routes_to_im2col(x, fast.weight, fast.stride, fast.padding, fast.dilation, fast.groups)
+    fast, plain = FastConv3d(cin, 8, 3, padding=1), nn.Conv3d(cin, 8, 3, padding=1)
+    x = torch.randn(*shape, requires_grad=True)
+    assert route(x, fast.weight, fast.stride, fast.padding, fast.dilation, fast.groups)
     counts = []
     for conv in (fast, plain):
         with FlopCounterMode(display=False) as counter:
