@@ -15,6 +15,10 @@ from torch import nn
 # width 72 in 8 heads of 9: 8.7 ms in bf16, 2.0 ms in fp32; width 144 (heads of 18): 8.1 / 3.4 ms; 512 tokens of
 # width 256 in heads of 32: 8.6 ms in bf16, 9.8 ms in fp32.
 CPU_BF16_MIN_HEAD_DIM = 32
+# PyTorch's CPU attention kernel vectorises over the head channels: heads narrower than this run padded with zeros
+# to it (same result; measured for the base preset's cross-attention, 8 heads of 9 over 512 x 512 tokens, fp32,
+# forward + backward, 2 threads, 2-core AMD EPYC: 10.8 ms unpadded, 4.8 ms padded to 16, 7.4 ms padded to 32)
+CPU_MIN_HEAD_DIM = 16
 
 
 def attention_in_fp32(x: torch.Tensor, head_dim: int) -> bool:
@@ -29,6 +33,19 @@ def _attend(attention: nn.Module, head_dim: int, *tensors: torch.Tensor, **kwarg
         with torch.autocast("cpu", enabled=False):
             return attention(*(t.float() for t in tensors), **kwargs)
     return attention(*tensors, **kwargs)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` over ``(B, heads, L, head_dim)``; on the CPU, heads narrower than
+    ``CPU_MIN_HEAD_DIM`` are zero-padded to it (extra query/key channels add nothing to the scores and extra value
+    channels are cut off again), which the CPU kernel runs faster."""
+    head_dim = q.shape[-1]
+    if q.device.type != "cpu" or head_dim >= CPU_MIN_HEAD_DIM:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    pad = (0, CPU_MIN_HEAD_DIM - head_dim)
+    out = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), attn_mask=attn_mask,
+                                         scale=head_dim ** -0.5)
+    return out[..., :head_dim]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -74,7 +91,7 @@ class CrossAttention(nn.Module):
         attn_mask = None
         if mask is not None:  # broadcast over heads (and over the batch when shared)
             attn_mask = mask[:, None] if mask.ndim == 3 else mask[None, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, attn_mask=attn_mask)
         return self.proj(rearrange(out, "b h l c -> b l (h c)"))
 
 
@@ -187,4 +204,5 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-__all__ = ["CPU_BF16_MIN_HEAD_DIM", "CrossAttention", "DiTBlock", "FinalLayer", "attention_in_fp32", "modulate"]
+__all__ = ["CPU_BF16_MIN_HEAD_DIM", "CPU_MIN_HEAD_DIM", "CrossAttention", "DiTBlock", "FinalLayer", "attention",
+           "attention_in_fp32", "modulate"]

@@ -226,3 +226,35 @@ def test_narrow_attention_heads_compute_in_fp32_under_cpu_bf16_autocast(dim: int
     assert seen == {"self": expected, "cross": expected, "mlp": torch.bfloat16}
     torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=0.05)
     assert not attention_in_fp32(x, dim // heads)  # outside autocast: nothing to change
+
+
+@pytest.mark.parametrize("head_dim,masked", [(9, False), (9, True), (4, True), (16, False), (18, False)])
+def test_narrow_heads_padded_on_the_cpu_give_the_same_attention(head_dim: int, masked: bool) -> None:
+    """Heads narrower than CPU_MIN_HEAD_DIM (16) run zero-padded to it on the CPU: the same values and gradients as
+    plain attention (in float64), with or without a footprint mask; wider heads run as they are."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ddpm.dit_block import CPU_MIN_HEAD_DIM, attention
+
+    assert CPU_MIN_HEAD_DIM == 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, head_dim, generator=g, dtype=torch.float64, requires_grad=True)
+               for n in (10, 7, 7))
+    mask = torch.rand(10, 7, generator=g) > 0.4 if masked else None
+    if mask is not None:
+        mask[:, 0] = True  # every query sees at least one key
+    grad = torch.randn(2, 3, 10, head_dim, generator=g, dtype=torch.float64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = attention(q, k, v, attn_mask=None if mask is None else mask[None, None])
+    padded = any(e.key == "aten::constant_pad_nd" for e in prof.key_averages())
+    assert padded is (head_dim < CPU_MIN_HEAD_DIM)
+    assert out.shape == (2, 3, 10, head_dim)
+    scores = (q @ k.transpose(-1, -2)) * head_dim ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    reference = scores.softmax(-1) @ v
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    reference_grads = torch.autograd.grad(reference, (q, k, v), grad)
+    torch.testing.assert_close(out, reference)
+    for a, b in zip(grads, reference_grads):
+        torch.testing.assert_close(a, b)

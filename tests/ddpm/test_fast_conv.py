@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from ddpm import BiFlowNet
 from ddpm import biflownet as biflownet_module
 from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, output_grid, routes_to_im2col, routes_to_onednn,
-                            takes_slow_path, use_fast_conv3d)
+                            routes_to_padded, takes_slow_path, use_fast_conv3d)
 from tests.ddpm.conftest import randomize, tiny_network
 
 
@@ -81,6 +81,42 @@ def test_only_the_convolutions_where_onednn_pays_take_our_path() -> None:
     assert not routes_to_onednn(torch.zeros(1, 72, 32, 32, 32), w3, one, one, one, 1)  # oneDNN's anyway
 
 
+def test_which_convolutions_pad_their_input_to_reach_onednn() -> None:
+    w3, one = torch.zeros(72, 72, 3, 3, 3), (1, 1, 1)
+    assert routes_to_padded(torch.zeros(1, 72, 16, 16, 16), w3, one, one, 1)  # 72*18*18 = 23328 > 20480
+    assert not routes_to_padded(torch.zeros(1, 8, 16, 16, 16), w3[:, :8], one, one, 1)  # 8*18*18: still slow
+    assert not routes_to_padded(torch.zeros(1, 144, 8, 8, 8), torch.zeros(144, 144, 3, 3, 3), one, one, 1)  # 14400
+    assert not routes_to_padded(torch.zeros(1, 72, 16, 16, 16), w3, (0, 0, 0), one, 1)  # nothing to pad
+    assert not routes_to_padded(torch.zeros(2, 72, 16, 16, 16), w3, one, one, 1)  # batch > 1: oneDNN already
+    assert not routes_to_padded(torch.zeros(1, 72, 32, 32, 32), w3, one, one, 1)  # oneDNN already
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_padded_input_runs_on_onednn_with_exact_values_and_gradients(stride: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    conv = FastConv3d(20, 6, 3, stride=stride, padding=1)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = nn.Conv3d(20, 6, 3, stride=stride, padding=1).double()
+    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    x = torch.randn(1, 20, 32, 32, 4, generator=g)  # 20*32*32 = 20480: the slow path; 20*34*34 is not
+    assert routes_to_padded(x, conv.weight, conv.padding, conv.dilation, conv.groups)
+    x64, x = x.double().requires_grad_(), x.requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = conv(x)
+        grad = torch.randn(y.shape, generator=g)
+        y.backward(grad)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops and not any("slow_conv3d" in op for op in ops)
+    y64 = ref(x64)
+    y64.backward(grad.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape,stride", [((1, 6, 4, 4, 4), 1), ((1, 6, 8, 8, 8), 2)])
 def test_convolutions_left_to_pytorch_run_its_reference_kernel(shape: tuple, stride: int) -> None:
     conv = FastConv3d(6, 6, 3, stride=stride, padding=1)
@@ -114,8 +150,10 @@ def test_cpu_bf16_autocast_computes_in_fp32_only_where_bf16_is_emulated(native: 
         assert mixed.dtype == torch.float32 and torch.equal(mixed, fp32)
 
 
-@pytest.mark.parametrize("cin,shape,route", [(4, (1, 4, 8, 8, 8), routes_to_onednn), (6, (2, 6, 2, 2, 2), routes_to_im2col)],
-                         ids=["onednn", "tiny-grid"])
+@pytest.mark.parametrize("cin,shape,route", [
+    (4, (1, 4, 8, 8, 8), routes_to_onednn), (6, (2, 6, 2, 2, 2), routes_to_im2col),
+    (20, (1, 20, 32, 32, 4), lambda x, w, stride, padding, dilation, groups: routes_to_padded(x, w, padding, dilation, groups)),
+], ids=["onednn", "tiny-grid", "padded"])
 def test_flop_counter_counts_our_paths_like_the_ordinary_one(cin: int, shape: tuple, route) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
