@@ -13,7 +13,7 @@ Where padding the input by hand lifts it over that threshold (72 channels at 16^
 takes oneDNN in both directions, its weight-gradient kernel included (measured for the base preset's 72 ->
 72 convolutions at 16^3, fp32, forward + backward, 2 threads, 2-core AMD EPYC with AVX-512: 14.6 ms,
 against 19.2 ms on the oneDNN path below, whose weight gradient is an im2col product, and 42 ms on the
-reference kernel; the whole base training step at 16^3 went 0.92x).
+reference kernel; the convolutions alone took the whole base training step at 16^3 to 0.92-0.95x).
 
 Where the line lies was measured (forward + backward, fp32, 2 threads, 2-core AMD EPYC): oneDNN takes
 31 ms instead of 55 ms for a 72-channel 16^3 convolution and 14 instead of 20 ms at 144 x 8^3, but on
