@@ -35,7 +35,8 @@ def _attend(attention: nn.Module, head_dim: int, *tensors: torch.Tensor, **kwarg
     return attention(*tensors, **kwargs)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over ``(B, heads, L, head_dim)``; on the CPU, heads narrower than
     ``CPU_MIN_HEAD_DIM`` are zero-padded to it (extra query/key channels add nothing to the scores and extra value
     channels are cut off again), which the CPU kernel runs faster."""

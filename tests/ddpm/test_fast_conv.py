@@ -152,7 +152,8 @@ def test_cpu_bf16_autocast_computes_in_fp32_only_where_bf16_is_emulated(native: 
 
 @pytest.mark.parametrize("cin,shape,route", [
     (4, (1, 4, 8, 8, 8), routes_to_onednn), (6, (2, 6, 2, 2, 2), routes_to_im2col),
-    (20, (1, 20, 32, 32, 4), lambda x, w, stride, padding, dilation, groups: routes_to_padded(x, w, padding, dilation, groups)),
+    (20, (1, 20, 32, 32, 4), lambda x, w, stride, padding, dilation, groups:
+        routes_to_padded(x, w, padding, dilation, groups)),
 ], ids=["onednn", "tiny-grid", "padded"])
 def test_flop_counter_counts_our_paths_like_the_ordinary_one(cin: int, shape: tuple, route) -> None:
     from torch.utils.flop_counter import FlopCounterMode
