@@ -25,10 +25,15 @@ batches, larger inputs), run the ordinary ``nn.Conv3d`` path.
 Convolutions whose output grid has at most ``MAX_IM2COL_VOXELS`` voxels per sample (the 2^3 bottom of
 the U-Net, where ``base`` has 576- and 1152-channel 3^3 kernels of 9 and 18 M weights), and fewer output
 positions in the batch than weights per output channel, run as one matrix product with their im2col
-instead, in fp32 also under CPU bf16 autocast. There the
+instead. There the
 cost is moving the kernel, not computing: oneDNN re-lays it out for every call, PyTorch's reference
 kernel accumulates the weight gradient once per sample, and bf16 autocast adds a cast of the kernel, a
-reorder into the AMX layout and a weight-gradient kernel that is slower than the fp32 one. Measured
+reorder into the AMX layout and a weight-gradient kernel that is slower than the fp32 one. Under CPU
+autocast the products run in the autocast dtype where the CPU has native bf16 dot products (AVX512-BF16
+or AMX; the input-gradient fold still adds up in fp32) and in fp32 elsewhere: the kernel's cast costs
+less than the bf16 products save (2-core AMD EPYC with AVX512-BF16, a 576 x 15552 kernel, 2 threads:
+cast 0.9 ms, forward product 0.6 instead of 2.6 ms, input-gradient product 0.7 instead of 3.0 ms; the
+base training step at 16^3 under bf16 autocast went 0.90x). Measured
 when introduced (forward + backward, 2 threads, 2-core Xeon with AMX, glibc's default allocator;
 ``benchmarks/RESULTS.md``), 576 -> 576 channels on 2^3: 16.6 ms instead of 20.3 (batch 1, reference
 kernel), 20.4 instead of 72.9 (batch 2, oneDNN), 31.9 instead of 102 (batch 8), and 43.9 ms under bf16
@@ -36,6 +41,8 @@ autocast; with the CLIs' allocator setting and the one-scatter fold, 5.0 ms at b
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +138,13 @@ def routes_to_im2col(x: torch.Tensor, weight: torch.Tensor, stride, padding, dil
     return 0 < voxels <= MAX_IM2COL_VOXELS and x.shape[0] * voxels <= weight[0].numel()
 
 
+@functools.cache
+def native_bf16_products() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so that bf16 matrix products beat fp32 ones."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
 def _im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     """``(N, C, D, H, W)`` -> ``(N*D'*H'*W', C*kd*kh*kw)``: each output voxel's receptive field, in the kernel's order."""
     p = padding
@@ -170,20 +184,21 @@ class _Im2colConv3d(torch.autograd.Function):
         k = weight.shape[2:]
         g = grad.permute(0, 2, 3, 4, 1).reshape(-1, weight.shape[0])  # (N*D'*H'*W', C_out)
         grad_x = grad_w = grad_b = None
+        acc = torch.promote_types(g.dtype, torch.float32)  # sums of many terms in at least fp32
         if ctx.needs_input_grad[1]:
             grad_w = (g.t() @ cols).view(weight.shape)
         if has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
+            grad_b = g.sum(0, dtype=acc).to(g.dtype)
         if ctx.needs_input_grad[0]:
             cols_grad = g @ weight.reshape(weight.shape[0], -1)  # (N*D'*H'*W', C_in*kd*kh*kw)
             dims = tuple(n + 2 * pi for n, pi in zip(shape[2:], p))
-            padded = g.new_zeros(shape[0], shape[1], dims[0] * dims[1] * dims[2])
+            padded = g.new_zeros(shape[0], shape[1], dims[0] * dims[1] * dims[2], dtype=acc)
             src = cols_grad.view(shape[0], -1, shape[1], k[0] * k[1] * k[2]).permute(0, 2, 1, 3)
             # fold: every (output voxel, tap) adds onto its padded input voxel, in one scatter-add
             index = _fold_index(grid, tuple(k), tuple(s), dims, g.device)
-            padded.index_add_(2, index, src.reshape(shape[0], shape[1], -1))
+            padded.index_add_(2, index, src.reshape(shape[0], shape[1], -1).to(acc))
             padded = padded.view(shape[0], shape[1], *dims)
-            grad_x = padded[:, :, p[0]:p[0] + shape[2], p[1]:p[1] + shape[3], p[2]:p[2] + shape[4]]
+            grad_x = padded[:, :, p[0]:p[0] + shape[2], p[1]:p[1] + shape[3], p[2]:p[2] + shape[4]].to(g.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -193,9 +208,11 @@ class FastConv3d(nn.Conv3d):
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and routes_to_im2col(x, weight, self.stride, self.padding, self.dilation, self.groups)):
-            if torch.is_autocast_enabled("cpu"):  # fp32: moving the kernel costs more than bf16 saves
+            if torch.is_autocast_enabled("cpu"):  # bf16 products where native (module docstring), else fp32
+                bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and native_bf16_products()
+                dtype = torch.bfloat16 if bf16 else torch.float32
                 with torch.autocast("cpu", enabled=False):
-                    return _Im2colConv3d.apply(x.float(), weight.float(), None if bias is None else bias.float(),
+                    return _Im2colConv3d.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                                tuple(self.stride), tuple(self.padding))
             return _Im2colConv3d.apply(x, weight, bias, tuple(self.stride), tuple(self.padding))
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and not torch.is_autocast_enabled("cpu"):
@@ -219,5 +236,5 @@ def use_fast_conv3d(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_VOXELS", "FastConv3d", "output_grid", "routes_to_im2col", "routes_to_onednn",
-           "takes_slow_path", "use_fast_conv3d"]
+__all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_VOXELS", "FastConv3d", "native_bf16_products", "output_grid",
+           "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path", "use_fast_conv3d"]

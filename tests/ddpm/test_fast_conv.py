@@ -10,6 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ddpm import BiFlowNet
 from ddpm import biflownet as biflownet_module
+from ddpm import fast_conv
 from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, output_grid, routes_to_im2col, routes_to_onednn,
                             routes_to_padded, takes_slow_path, use_fast_conv3d)
 from tests.ddpm.conftest import randomize, tiny_network
@@ -200,14 +201,38 @@ def test_which_grids_are_tiny() -> None:
     assert output_grid(torch.zeros(1, 1, 5, 6, 7), w3, (2, 1, 1), (1, 0, 1), one) == (3, 4, 7)
 
 
-def test_tiny_grids_compute_in_fp32_under_cpu_bf16_autocast() -> None:
+@pytest.mark.parametrize("native", [False, True])
+def test_tiny_grids_under_cpu_bf16_autocast_multiply_in_bf16_only_where_native(native: bool,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU bf16 autocast the 2^3 path multiplies in bf16 where the CPU does so natively (values and gradients
+    within bf16 rounding of fp32, the input-gradient fold summed in fp32), and exactly in fp32 elsewhere."""
+    monkeypatch.setattr(fast_conv, "native_bf16_products", lambda: native)
     torch.manual_seed(0)
-    conv = FastConv3d(16, 16, 3, padding=1)
-    x = torch.randn(1, 16, 2, 2, 2).bfloat16()
+    conv = FastConv3d(64, 16, 3, padding=1)
+    x = torch.randn(1, 64, 2, 2, 2).bfloat16().requires_grad_()
+    grad = torch.randn(1, 16, 2, 2, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
-    assert y.dtype == torch.float32
-    torch.testing.assert_close(y, F.conv3d(x.float(), conv.weight, conv.bias, 1, 1))
-    big = torch.randn(1, 16, 4, 4, 4)
+    y.backward(grad.to(y.dtype))
+    x32 = x.detach().float().requires_grad_()
+    ref = F.conv3d(x32, conv.weight, conv.bias, 1, 1)
+    grads = [x.grad.float(), conv.weight.grad, conv.bias.grad]
+    conv.zero_grad()
+    ref.backward(grad)
+    assert conv.weight.grad.dtype == torch.float32  # the parameters' gradients stay fp32 either way
+    if native:
+        assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, rtol=0.02, atol=0.02)
+        assert (y.float() - ref).abs().max() > 0  # bf16 arithmetic really happened
+        for a, b in zip(grads, [x32.grad, conv.weight.grad, conv.bias.grad]):
+            torch.testing.assert_close(a, b, rtol=0.02, atol=0.05)
+    else:
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref)
+        torch.testing.assert_close(grads[0].bfloat16(), x32.grad.bfloat16())  # fp32, rounded once into x's dtype
+        for a, b in zip(grads[1:], [conv.weight.grad, conv.bias.grad]):
+            torch.testing.assert_close(a, b)
+    assert fast_conv.native_bf16_products() is native
+    big = torch.randn(1, 64, 4, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(big).dtype == torch.bfloat16  # larger grids keep autocast's bf16
