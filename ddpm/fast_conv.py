@@ -43,6 +43,7 @@ autocast; with the CLIs' allocator setting and the one-scatter fold, 5.0 ms at b
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,13 @@ if torch.ops.aten.mkldnn_convolution.default not in flop_registry:  # torch coun
     def _onednn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         """FLOPs of the oneDNN convolutions below, so that ``torch.utils.flop_counter`` sees them too."""
         return conv_flop_count(x_shape, w_shape, out_shape)
+
+if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.ops.mkldnn._linear_pointwise.default not in flop_registry:
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _onednn_product_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        """FLOPs of the oneDNN products below (``a @ b.T``: 2 M N K), as ``torch.utils.flop_counter`` counts ``mm``."""
+        return 2 * a_shape[0] * a_shape[1] * b_shape[0]
 
 
 # PyTorch's own threshold (ATen ConvParams::use_mkldnn): at or below it, a batch-1 float conv3d is not oneDNN's
@@ -145,6 +153,19 @@ def native_bf16_products() -> bool:
     return any(bool(check()) for check in checks if check is not None)
 
 
+# oneDNN's inner product (what PyTorch runs for bf16 products) on x86; PyTorch sends fp32 products to MKL's GEMM,
+# which is 2-4x slower on the 2^3 path's few-row products (module docstring)
+_ONEDNN_PRODUCTS = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b.T (+ bias)`` for 2-D ``a`` (M, K) and ``b`` (N, K); fp32 CPU products on oneDNN where available."""
+    if _ONEDNN_PRODUCTS and a.dtype == torch.float32 and a.device.type == "cpu":
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return a @ b.t() if bias is None else torch.addmm(bias, a, b.t())
+
+
 def _im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     """``(N, C, D, H, W)`` -> ``(N*D'*H'*W', C*kd*kh*kw)``: each output voxel's receptive field, in the kernel's order."""
     p = padding
@@ -172,7 +193,7 @@ class _Im2colConv3d(torch.autograd.Function):
         grid = output_grid(x, weight, stride, padding, (1, 1, 1))
         cols = _im2col(x, k, stride, padding)
         w = weight.reshape(weight.shape[0], -1)
-        out = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
+        out = _product(cols, w, bias)
         ctx.save_for_backward(cols, weight)
         ctx.geometry = (tuple(x.shape), tuple(stride), tuple(padding), grid, bias is not None)
         return out.view(x.shape[0], *grid, weight.shape[0]).permute(0, 4, 1, 2, 3)
@@ -186,11 +207,11 @@ class _Im2colConv3d(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         acc = torch.promote_types(g.dtype, torch.float32)  # sums of many terms in at least fp32
         if ctx.needs_input_grad[1]:
-            grad_w = (g.t() @ cols).view(weight.shape)
+            grad_w = _product(g.t().contiguous(), cols.t().contiguous()).view(weight.shape)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0, dtype=acc).to(g.dtype)
         if ctx.needs_input_grad[0]:
-            cols_grad = g @ weight.reshape(weight.shape[0], -1)  # (N*D'*H'*W', C_in*kd*kh*kw)
+            cols_grad = _product(g, weight.reshape(weight.shape[0], -1).t())  # (N*D'*H'*W', C_in*kd*kh*kw)
             dims = tuple(n + 2 * pi for n, pi in zip(shape[2:], p))
             padded = g.new_zeros(shape[0], shape[1], dims[0] * dims[1] * dims[2], dtype=acc)
             src = cols_grad.view(shape[0], -1, shape[1], k[0] * k[1] * k[2]).permute(0, 2, 1, 3)

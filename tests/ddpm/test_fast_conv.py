@@ -185,6 +185,33 @@ def test_tiny_grids_run_as_one_matrix_product_with_exact_gradients(batch: int, g
     assert not any("conv" in op and "Im2col" not in op for op in ops)  # no convolution kernel at all
 
 
+@pytest.mark.parametrize("batch,bias", [(1, True), (3, False)])
+def test_tiny_grids_in_fp32_multiply_on_onednn_with_float64_accuracy(batch: int, bias: bool) -> None:
+    """fp32 products of the 2^3 path run on oneDNN's inner product (where PyTorch has it), all three of them, and
+    values and gradients match a float64 reference to fp32 rounding."""
+    if not fast_conv._ONEDNN_PRODUCTS:
+        pytest.skip("this PyTorch build has no oneDNN inner product on this CPU")
+    g = torch.Generator().manual_seed(2)
+    conv = FastConv3d(24, 12, 3, padding=1, bias=bias)
+    ref = nn.Conv3d(24, 12, 3, padding=1, bias=bias).double()
+    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    x = torch.randn(batch, 24, 2, 2, 2, generator=g, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    grad = torch.randn(batch, 12, 2, 2, 2, generator=g)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = conv(x)
+        y.backward(grad)
+    products = [e for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise"]
+    assert products and products[0].count == 3  # forward, weight gradient, input gradient
+    y64 = ref(x64)
+    y64.backward(grad.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), ref.weight.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(conv.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_which_grids_are_tiny() -> None:
     w3, one = torch.zeros(576, 576, 3, 3, 3), (1, 1, 1)
     assert MAX_IM2COL_VOXELS == 8
