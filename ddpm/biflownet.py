@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from dataset.drr import DRRGeometry
 from ddpm.dit_block import DiTBlock, FinalLayer
 from ddpm.embeddings import LabelEmbedder, ResolutionEmbedder, TimestepEmbedder, sincos_pos_embed_3d
-from ddpm.fast_conv import use_fast_conv3d
+from ddpm.fast_conv import use_fast_conv3d, use_fast_linear
 from ddpm.xray_conditioner import CROSS_ATTENTION_MODES, XrayConditioner
 
 
@@ -422,6 +422,7 @@ class BiFlowNet(nn.Module):
         # on a small grid (PyTorch's reference kernel) re-laid its kernel out in each direction and a 16^3
         # training step of the base preset took 2.4x as long (3.61 vs 1.52 s; 8.76 vs 7.97 s at 32^3)
         use_fast_conv3d(self)  # small CPU convolutions on oneDNN too (see ddpm.fast_conv)
+        use_fast_linear(self)  # and fp32 CPU linear layers on oneDNN's inner product
 
     @property
     def xray_encoder(self):

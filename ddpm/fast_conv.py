@@ -121,7 +121,7 @@ class _OneDnnConv3d(torch.autograd.Function):
             cols = cols[:, :grad.shape[2], :grad.shape[3], :grad.shape[4]]
             cols = cols.permute(0, 1, 2, 3, 5, 6, 7, 4)  # channels innermost: the im2col copy moves whole rows
             g = grad.permute(0, 2, 3, 4, 1).reshape(-1, grad.shape[1])  # (N*D*H*W, C_out)
-            grad_w = (g.t() @ cols.reshape(g.shape[0], -1)).reshape(weight.shape[0], *k, weight.shape[1])
+            grad_w = _product(g.t(), cols.reshape(g.shape[0], -1).t()).reshape(weight.shape[0], *k, weight.shape[1])
             grad_w = grad_w.permute(0, 4, 1, 2, 3)  # (C_out, C_in, kd, kh, kw) with channels_last_3d strides
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3, 4))
@@ -159,9 +159,19 @@ _ONEDNN_PRODUCTS = (platform.machine().lower() in ("x86_64", "amd64") and torch.
                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b.T (+ bias)`` for 2-D ``a`` (M, K) and ``b`` (N, K); fp32 CPU products on oneDNN where available."""
-    if _ONEDNN_PRODUCTS and a.dtype == torch.float32 and a.device.type == "cpu":
+# smallest product (multiply-adds M*N*K) that oneDNN's inner product runs faster than MKL's GEMM: below it oneDNN's
+# fixed cost per call dominates (2 threads, 2-core AMD EPYC: 2048 x 16 by 16 11 us on MKL, 18 us on oneDNN; 2048 x 64
+# by 16 28 / 26 us; 8 x 576 by 576 58 / 44 us; 4096 x 72 by 216 642 / 308 us). A linear layer's weight gradient
+# summed over more tokens than the layer has inputs or outputs stays on MKL too: 216 x 72 summed over 4096 tokens
+# took 694 us on MKL and 918 us on oneDNN (1024 x 256 over 512 tokens: 1450 / 780 us).
+MIN_ONEDNN_PRODUCT = 2**21
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, onednn: bool = True) -> torch.Tensor:
+    """``a @ b.T (+ bias)`` for 2-D ``a`` (M, K) and ``b`` (N, K); fp32 CPU products on oneDNN where available and
+    large enough to pay (``MIN_ONEDNN_PRODUCT``), unless ``onednn`` is False."""
+    if (onednn and _ONEDNN_PRODUCTS and a.dtype == torch.float32 and a.device.type == "cpu"
+            and a.shape[0] * a.shape[1] * b.shape[0] >= MIN_ONEDNN_PRODUCT):
         return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
     return a @ b.t() if bias is None else torch.addmm(bias, a, b.t())
 
@@ -246,6 +256,58 @@ class FastConv3d(nn.Conv3d):
         return super()._conv_forward(x, weight, bias)
 
 
+def routes_linear_to_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :class:`FastLinear` runs this product on oneDNN (fp32 on an x86 CPU, outside autocast)."""
+    return (_ONEDNN_PRODUCTS and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and x.numel() * weight.shape[0] >= MIN_ONEDNN_PRODUCT)
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """``F.linear`` whose three products (forward, input gradient, weight gradient) run on oneDNN's inner product."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.shape, ctx.has_bias = x.shape, bias is not None
+        return _product(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _product(g, weight.t()).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = _product(g.t(), x2.t(), onednn=x2.shape[0] <= max(weight.shape))  # see MIN_ONEDNN_PRODUCT
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class FastLinear(nn.Linear):
+    """``nn.Linear`` whose fp32 CPU products run on oneDNN's inner product in both directions (same parameters):
+    PyTorch sends them to MKL's GEMM, measured 2x slower for BiFlowNet's token widths on a 2-core AMD EPYC with
+    AVX-512 (512 x 256 by 1024: 1.33 ms, oneDNN 0.61 ms; 4096 x 72 by 216: 0.64 / 0.31 ms)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if routes_linear_to_onednn(x, self.weight):
+            return _OneDnnLinear.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_fast_linear(module: nn.Module) -> nn.Module:
+    """Turn every plain ``nn.Linear`` inside ``module`` (timm's included) into a :class:`FastLinear`.
+
+    Parameters, names and state-dict keys stay as they are; returns ``module``.
+    """
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = FastLinear
+    return module
+
+
 def use_fast_conv3d(module: nn.Module) -> nn.Module:
     """Turn every plain ``nn.Conv3d`` inside ``module`` (MONAI blocks included) into a :class:`FastConv3d`.
 
@@ -257,5 +319,6 @@ def use_fast_conv3d(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_VOXELS", "FastConv3d", "native_bf16_products", "output_grid",
-           "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path", "use_fast_conv3d"]
+__all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_PRODUCT", "MIN_ONEDNN_VOXELS", "FastConv3d", "FastLinear", "native_bf16_products", "output_grid",
+           "routes_linear_to_onednn", "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path",
+           "use_fast_conv3d", "use_fast_linear"]

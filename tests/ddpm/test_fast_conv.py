@@ -11,8 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 from ddpm import BiFlowNet
 from ddpm import biflownet as biflownet_module
 from ddpm import fast_conv
-from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, output_grid, routes_to_im2col, routes_to_onednn,
-                            routes_to_padded, takes_slow_path, use_fast_conv3d)
+from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, FastLinear, output_grid, routes_to_im2col,
+                            routes_to_onednn, routes_to_padded, takes_slow_path, use_fast_conv3d, use_fast_linear)
 from tests.ddpm.conftest import randomize, tiny_network
 
 
@@ -21,7 +21,8 @@ from tests.ddpm.conftest import randomize, tiny_network
     (8, 12, 3, 1, True), (16, 4, 1, 0, True), (5, 7, 3, 0, False), (6, 5, 2, 1, True), (4, 4, 3, 2, True),
 ])
 def test_values_and_gradients_match_conv3d(cin: int, cout: int, kernel: int, padding: int, bias: bool,
-                                           channels_last: bool) -> None:
+                                           channels_last: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_conv, "MIN_ONEDNN_PRODUCT", 1)  # the weight gradient's product on oneDNN too
     g = torch.Generator().manual_seed(0)
     conv = FastConv3d(cin, cout, kernel, padding=padding, bias=bias)
     with torch.no_grad():
@@ -186,11 +187,13 @@ def test_tiny_grids_run_as_one_matrix_product_with_exact_gradients(batch: int, g
 
 
 @pytest.mark.parametrize("batch,bias", [(1, True), (3, False)])
-def test_tiny_grids_in_fp32_multiply_on_onednn_with_float64_accuracy(batch: int, bias: bool) -> None:
+def test_tiny_grids_in_fp32_multiply_on_onednn_with_float64_accuracy(batch: int, bias: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 products of the 2^3 path run on oneDNN's inner product (where PyTorch has it), all three of them, and
     values and gradients match a float64 reference to fp32 rounding."""
     if not fast_conv._ONEDNN_PRODUCTS:
         pytest.skip("this PyTorch build has no oneDNN inner product on this CPU")
+    monkeypatch.setattr(fast_conv, "MIN_ONEDNN_PRODUCT", 1)  # tiny test sizes
     g = torch.Generator().manual_seed(2)
     conv = FastConv3d(24, 12, 3, padding=1, bias=bias)
     ref = nn.Conv3d(24, 12, 3, padding=1, bias=bias).double()
@@ -263,3 +266,87 @@ def test_tiny_grids_under_cpu_bf16_autocast_multiply_in_bf16_only_where_native(n
     big = torch.randn(1, 64, 4, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(big).dtype == torch.bfloat16  # larger grids keep autocast's bf16
+
+
+@pytest.mark.parametrize("shape,bias", [((7, 24), True), ((2, 5, 24), False), ((24,), True)])
+def test_fast_linear_runs_fp32_products_on_onednn_with_float64_accuracy(shape: tuple, bias: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """FastLinear's three fp32 products run on oneDNN's inner product; values and gradients match float64."""
+    if not fast_conv._ONEDNN_PRODUCTS:
+        pytest.skip("this PyTorch build has no oneDNN inner product on this CPU")
+    monkeypatch.setattr(fast_conv, "MIN_ONEDNN_PRODUCT", 1)  # tiny test sizes
+    g = torch.Generator().manual_seed(3)
+    lin = use_fast_linear(nn.Sequential(nn.Linear(24, 10, bias=bias)))[0]
+    assert type(lin) is FastLinear
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    ref = nn.Linear(24, 10, bias=bias).double()
+    ref.load_state_dict({k: v.double() for k, v in lin.state_dict().items()})
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    grad = torch.randn(*shape[:-1], 10, generator=g)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = lin(x)
+        y.backward(grad)
+    products = [e for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise"]
+    assert products and products[0].count == 3 and not any(e.key in ("aten::mm", "aten::addmm")
+                                                           for e in prof.key_averages())
+    y64 = ref(x64)
+    y64.backward(grad.double())
+    assert y.shape == y64.shape
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.weight.grad.double(), ref.weight.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(lin.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_only_products_large_enough_to_pay_go_to_onednn() -> None:
+    from ddpm.fast_conv import MIN_ONEDNN_PRODUCT, routes_linear_to_onednn
+
+    assert MIN_ONEDNN_PRODUCT == 2**21  # measured: below it oneDNN's fixed cost per call loses to MKL
+    w = torch.zeros(216, 72)
+    assert routes_linear_to_onednn(torch.zeros(4096, 72), w) is fast_conv._ONEDNN_PRODUCTS  # BiFlowNet's token MLPs
+    assert not routes_linear_to_onednn(torch.zeros(16, 72), w)  # 248832 multiply-adds: PyTorch's GEMM
+    assert not routes_linear_to_onednn(torch.zeros(4096, 72, dtype=torch.float64), w.double())
+    lin = use_fast_linear(nn.Sequential(nn.Linear(24, 10)))[0]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lin(torch.randn(7, 24, requires_grad=True)).sum().backward()
+    assert not any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())
+
+
+def test_fast_linear_sums_weight_gradients_over_many_tokens_on_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight gradient summed over more tokens than the layer has inputs or outputs stays on PyTorch's GEMM
+    (measured slower on oneDNN); the forward and input-gradient products still run on oneDNN, and all agree."""
+    if not fast_conv._ONEDNN_PRODUCTS:
+        pytest.skip("this PyTorch build has no oneDNN inner product on this CPU")
+    monkeypatch.setattr(fast_conv, "MIN_ONEDNN_PRODUCT", 1)
+    lin = use_fast_linear(nn.Sequential(nn.Linear(24, 10)))[0]
+    x = torch.randn(40, 24, requires_grad=True)  # 40 tokens > 24 inputs
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lin(x).square().sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("mkldnn::_linear_pointwise") == 2 and counts.get("aten::mm") == 1
+    x64, w64, b64 = x.detach().double().requires_grad_(), lin.weight.detach().double().requires_grad_(), \
+        lin.bias.detach().double().requires_grad_()
+    F.linear(x64, w64, b64).square().sum().backward()
+    torch.testing.assert_close(lin.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_fast_linear_leaves_autocast_and_other_dtypes_to_pytorch() -> None:
+    lin = use_fast_linear(nn.Sequential(nn.Linear(8, 4)))[0]
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16  # autocast's bf16 product, as for nn.Linear
+    lin64 = lin.double()
+    torch.testing.assert_close(lin64(x.double()), F.linear(x.double(), lin64.weight, lin64.bias))
+
+
+def test_biflownet_linear_layers_are_fast_and_keep_their_names() -> None:
+    net = BiFlowNet(**tiny_network(cross_attention="footprint", back_projection=True))
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is FastLinear for m in linears)  # timm's attention and MLP layers included
+    plain = use_fast_linear(nn.Sequential(nn.Linear(2, 2)))
+    assert type(plain[0]) is FastLinear and list(plain.state_dict()) == ["0.weight", "0.bias"]
