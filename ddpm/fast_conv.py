@@ -324,6 +324,6 @@ def use_fast_conv3d(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_PRODUCT", "MIN_ONEDNN_VOXELS", "FastConv3d", "FastLinear", "native_bf16_products", "output_grid",
-           "routes_linear_to_onednn", "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path",
+__all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_PRODUCT", "MIN_ONEDNN_VOXELS", "FastConv3d", "FastLinear",
+           "native_bf16_products", "output_grid", "routes_linear_to_onednn", "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path",
            "use_fast_conv3d", "use_fast_linear"]
