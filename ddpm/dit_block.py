@@ -27,12 +27,12 @@ def attention_in_fp32(x: torch.Tensor, head_dim: int) -> bool:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
-def _attend(attention: nn.Module, head_dim: int, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``attention(*tensors, **kwargs)``, in fp32 where :func:`attention_in_fp32` says so."""
+def _attend(layer: nn.Module, head_dim: int, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``layer(*tensors, **kwargs)`` (an attention sub-layer), in fp32 where :func:`attention_in_fp32` says so."""
     if attention_in_fp32(tensors[0], head_dim):
         with torch.autocast("cpu", enabled=False):
-            return attention(*(t.float() for t in tensors), **kwargs)
-    return attention(*tensors, **kwargs)
+            return layer(*(t.float() for t in tensors), **kwargs)
+    return layer(*tensors, **kwargs)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

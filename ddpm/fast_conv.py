@@ -302,28 +302,25 @@ class FastLinear(nn.Linear):
         return super().forward(x)
 
 
-def use_fast_linear(module: nn.Module) -> nn.Module:
-    """Turn every plain ``nn.Linear`` inside ``module`` (timm's included) into a :class:`FastLinear`.
-
-    Parameters, names and state-dict keys stay as they are; returns ``module``.
-    """
+def _swap_class(module: nn.Module, plain: type, fast: type) -> nn.Module:
+    """Give every module of exactly type ``plain`` inside ``module`` the subclass ``fast`` (parameters, names and
+    state-dict keys stay as they are); returns ``module``."""
     for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = FastLinear
+        if type(m) is plain:
+            m.__class__ = fast
     return module
+
+
+def use_fast_linear(module: nn.Module) -> nn.Module:
+    """Turn every plain ``nn.Linear`` inside ``module`` (timm's included) into a :class:`FastLinear` (same state)."""
+    return _swap_class(module, nn.Linear, FastLinear)
 
 
 def use_fast_conv3d(module: nn.Module) -> nn.Module:
-    """Turn every plain ``nn.Conv3d`` inside ``module`` (MONAI blocks included) into a :class:`FastConv3d`.
-
-    Parameters, names and state-dict keys stay as they are; returns ``module``.
-    """
-    for m in module.modules():
-        if type(m) is nn.Conv3d:
-            m.__class__ = FastConv3d
-    return module
+    """Turn every plain ``nn.Conv3d`` inside ``module`` (MONAI blocks included) into a :class:`FastConv3d` (same state)."""
+    return _swap_class(module, nn.Conv3d, FastConv3d)
 
 
 __all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_PRODUCT", "MIN_ONEDNN_VOXELS", "FastConv3d", "FastLinear",
-           "native_bf16_products", "output_grid", "routes_linear_to_onednn", "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path",
-           "use_fast_conv3d", "use_fast_linear"]
+           "native_bf16_products", "output_grid", "routes_linear_to_onednn", "routes_to_im2col", "routes_to_onednn",
+           "routes_to_padded", "takes_slow_path", "use_fast_conv3d", "use_fast_linear"]

@@ -16,6 +16,19 @@ from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, Fa
 from tests.ddpm.conftest import randomize, tiny_network
 
 
+def _assert_matches_float64(layer: nn.Module, ref: nn.Module, x: torch.Tensor, x64: torch.Tensor, y: torch.Tensor,
+                            grad: torch.Tensor, weight_tol: float = 1e-5) -> None:
+    """``layer``'s output ``y`` (already back-propagated with ``grad``) and its gradients equal the float64 ``ref``'s."""
+    y64 = ref(x64)
+    y64.backward(grad.double())
+    assert y.shape == y64.shape
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad.double(), ref.weight.grad, rtol=weight_tol, atol=weight_tol)
+    if layer.bias is not None:
+        torch.testing.assert_close(layer.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("cin,cout,kernel,padding,bias", [
     (8, 12, 3, 1, True), (16, 4, 1, 0, True), (5, 7, 3, 0, False), (6, 5, 2, 1, True), (4, 4, 3, 2, True),
@@ -37,15 +50,10 @@ def test_values_and_gradients_match_conv3d(cin: int, cout: int, kernel: int, pad
     assert routes_to_onednn(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
     x64 = x.detach().double().requires_grad_()
     x = x.requires_grad_()
-    y, y64 = conv(x), ref(x64)
+    y = conv(x)
     grad = torch.randn(y.shape, generator=g)
     y.backward(grad)
-    y64.backward(grad.double())
-    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-4)  # sums over 720 voxels
-    if bias:
-        torch.testing.assert_close(conv.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+    _assert_matches_float64(conv, ref, x, x64, y, grad, weight_tol=1e-4)  # weight gradient: sums over 720 voxels
 
 
 def test_small_cpu_convolutions_run_on_onednn_both_ways() -> None:
@@ -111,12 +119,7 @@ def test_padded_input_runs_on_onednn_with_exact_values_and_gradients(stride: int
         y.backward(grad)
     ops = {e.key for e in prof.key_averages()}
     assert "aten::mkldnn_convolution" in ops and not any("slow_conv3d" in op for op in ops)
-    y64 = ref(x64)
-    y64.backward(grad.double())
-    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(conv.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+    _assert_matches_float64(conv, ref, x, x64, y, grad, weight_tol=1e-4)
 
 
 @pytest.mark.parametrize("shape,stride", [((1, 6, 4, 4, 4), 1), ((1, 6, 8, 8, 8), 2)])
@@ -206,13 +209,7 @@ def test_tiny_grids_in_fp32_multiply_on_onednn_with_float64_accuracy(batch: int,
         y.backward(grad)
     products = [e for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise"]
     assert products and products[0].count == 3  # forward, weight gradient, input gradient
-    y64 = ref(x64)
-    y64.backward(grad.double())
-    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv.weight.grad.double(), ref.weight.grad, rtol=1e-5, atol=1e-5)
-    if bias:
-        torch.testing.assert_close(conv.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+    _assert_matches_float64(conv, ref, x, x64, y, grad)
 
 
 def test_which_grids_are_tiny() -> None:
@@ -292,14 +289,7 @@ def test_fast_linear_runs_fp32_products_on_onednn_with_float64_accuracy(shape: t
     products = [e for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise"]
     assert products and products[0].count == 3 and not any(e.key in ("aten::mm", "aten::addmm")
                                                            for e in prof.key_averages())
-    y64 = ref(x64)
-    y64.backward(grad.double())
-    assert y.shape == y64.shape
-    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lin.weight.grad.double(), ref.weight.grad, rtol=1e-5, atol=1e-5)
-    if bias:
-        torch.testing.assert_close(lin.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
+    _assert_matches_float64(lin, ref, x, x64, y, grad)
 
 
 def test_only_products_large_enough_to_pay_go_to_onednn() -> None:
