@@ -29,15 +29,26 @@ instead. There the
 cost is moving the kernel, not computing: oneDNN re-lays it out for every call, PyTorch's reference
 kernel accumulates the weight gradient once per sample, and bf16 autocast adds a cast of the kernel, a
 reorder into the AMX layout and a weight-gradient kernel that is slower than the fp32 one. Under CPU
-autocast the products run in the autocast dtype where the CPU has native bf16 dot products (AVX512-BF16
-or AMX; the input-gradient fold still adds up in fp32) and in fp32 elsewhere: the kernel's cast costs
-less than the bf16 products save (2-core AMD EPYC with AVX512-BF16, a 576 x 15552 kernel, 2 threads:
-cast 0.9 ms, forward product 0.6 instead of 2.6 ms, input-gradient product 0.7 instead of 3.0 ms; the
-base training step at 16^3 under bf16 autocast went 0.90x). Measured
+bf16 autocast the products run in bf16 only where the CPU has native bf16 dot products (AVX512-BF16 or
+AMX; the input-gradient fold still adds up in fp32) and bf16 was timed faster for that shape
+(:func:`bf16_products_pay`), else in fp32. With few rows these products mostly move the kernel, and bf16
+adds a cast of it and of its gradient, so machines disagree: on one 2-core AMD EPYC with AVX512-BF16 the
+bf16 products won against MKL's fp32 ones (576 x 15552 kernel, 2 threads: cast 0.9 ms, forward product 0.6
+instead of 2.6 ms, input-gradient product 0.7 instead of 3.0 ms; base step at 16^3 0.90x), while on another
+(AMD EPYC, family 26) fp32 on oneDNN won up to 32 rows (576 -> 576 channels on 2^3 under autocast,
+forward + backward: 7.7 instead of 9.5 ms at batch 1, 10.1 instead of 11.5 at batch 4) and lost at 64
+(16.5 instead of 14.8 ms at batch 8). Measured
 when introduced (forward + backward, 2 threads, 2-core Xeon with AMX, glibc's default allocator;
 ``benchmarks/RESULTS.md``), 576 -> 576 channels on 2^3: 16.6 ms instead of 20.3 (batch 1, reference
 kernel), 20.4 instead of 72.9 (batch 2, oneDNN), 31.9 instead of 102 (batch 8), and 43.9 ms under bf16
 autocast; with the CLIs' allocator setting and the one-scatter fold, 5.0 ms at batch 1.
+
+Under CPU bf16 autocast, convolutions on grids of at least ``MIN_CHANNELS_LAST_VOXELS`` voxels take
+channels-last (NDHWC) inputs and leave channels-last outputs, so that oneDNN runs its brgemm kernels instead
+of the older blocked-layout ones and no re-layout happens between consecutive convolutions; :class:`FastGroupNorm`
+normalises such tensors in the contiguous layout, where PyTorch's CPU backward is several times faster
+(2 threads, AMD EPYC with AVX512-BF16, 72 -> 72 channels at 16^3: forward + backward 10.0 instead of 13.1 ms;
+base training step at 16^3 under bf16 autocast 0.95x).
 
 PyTorch sends fp32 CPU matrix products to MKL's GEMM, and bf16 ones to oneDNN. On x86 the fp32 products
 of the 2^3 path and of :class:`FastLinear` (every ``nn.Linear`` of BiFlowNet) run on oneDNN's inner product
@@ -48,7 +59,9 @@ of the 2^3 path and about 2x for the token MLPs and projections (2 threads, 2-co
 from __future__ import annotations
 
 import functools
+import math
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +89,8 @@ _SLOW_PATH_ELEMENTS = 20480
 MIN_ONEDNN_VOXELS = 512
 # largest output grid (D*H*W per sample) that runs as one matrix product with the im2col (module docstring)
 MAX_IM2COL_VOXELS = 8
+# smallest input grid (D*H*W) whose convolution runs channels-last under CPU bf16 autocast (module docstring)
+MIN_CHANNELS_LAST_VOXELS = 512
 
 
 def takes_slow_path(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int) -> bool:
@@ -97,6 +112,14 @@ def routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, stride, padding, dil
     return (takes_slow_path(x, weight, dilation, groups) and all(s == 1 for s in stride)
             and all(0 <= p < k for p, k in zip(padding, weight.shape[2:]))
             and x.shape[2] * x.shape[3] * x.shape[4] >= MIN_ONEDNN_VOXELS)
+
+
+def routes_to_channels_last(x: torch.Tensor, groups: int) -> bool:
+    """Whether :class:`FastConv3d` runs this convolution on a channels-last input (and leaves its output so): CPU bf16
+    autocast, grids of at least ``MIN_CHANNELS_LAST_VOXELS`` voxels."""
+    return (x.device.type == "cpu" and x.dim() == 5 and x.is_floating_point() and groups == 1
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and x.shape[2] * x.shape[3] * x.shape[4] >= MIN_CHANNELS_LAST_VOXELS)
 
 
 class _OneDnnConv3d(torch.autograd.Function):
@@ -156,6 +179,47 @@ def native_bf16_products() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so that bf16 matrix products beat fp32 ones."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(bool(check()) for check in checks if check is not None)
+
+
+# bf16 must beat fp32 by this factor before the 2^3 path multiplies in bf16 (near a tie, the more exact fp32 is kept)
+BF16_PRODUCTS_MARGIN = 0.95
+
+
+def bf16_products_pay(rows: int, k: int, n: int) -> bool:
+    """Whether, under CPU bf16 autocast, the 2^3 path's three products with an fp32 ``(n, k)`` kernel and ``rows``
+    im2col rows run faster in bf16 (the kernel cast to bf16 and its gradient back to fp32 included) than in fp32.
+
+    Few-row products mostly move the kernel, so which wins depends on the CPU's memory bandwidth against its fp32
+    and bf16 throughput, and machines disagree (module docstring): :func:`_bf16_products_faster` times both, once
+    per shape and process. CPUs without native bf16 products never take bf16.
+    """
+    return native_bf16_products() and _bf16_products_faster(rows, k, n)
+
+
+@functools.cache
+def _bf16_products_faster(rows: int, k: int, n: int) -> bool:
+    """Both ways of :func:`bf16_products_pay` timed (best of 3, interleaved, after a warm-up) on seeded data that
+    leaves the global random stream alone; bf16 must win by ``BF16_PRODUCTS_MARGIN``."""
+    g = torch.Generator().manual_seed(0)
+    a, w, grad = (torch.randn(*shape, generator=g) for shape in ((rows, k), (n, k), (rows, n)))
+
+    def fp32() -> None:
+        _product(a, w), _product(grad, w.t()), _product(grad.t().contiguous(), a.t().contiguous())
+
+    def bf16() -> None:
+        wb, ab, gb = w.to(torch.bfloat16), a.to(torch.bfloat16), grad.to(torch.bfloat16)
+        _product(ab, wb), _product(gb, wb.t()), _product(gb.t().contiguous(), ab.t().contiguous()).float()
+
+    best = {fp32: float("inf"), bf16: float("inf")}
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        for run in best:  # warm-up
+            run()
+        for _ in range(3):
+            for run in best:
+                t0 = time.perf_counter()
+                run()
+                best[run] = min(best[run], time.perf_counter() - t0)
+    return best[bf16] < BF16_PRODUCTS_MARGIN * best[fp32]
 
 
 # oneDNN's inner product (what PyTorch runs for bf16 products) on x86; PyTorch sends fp32 products to MKL's GEMM,
@@ -245,12 +309,17 @@ class FastConv3d(nn.Conv3d):
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and routes_to_im2col(x, weight, self.stride, self.padding, self.dilation, self.groups)):
             if torch.is_autocast_enabled("cpu"):  # bf16 products where native (module docstring), else fp32
-                bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and native_bf16_products()
+                rows = x.shape[0] * math.prod(output_grid(x, weight, self.stride, self.padding, self.dilation))
+                bf16 = (torch.get_autocast_dtype("cpu") == torch.bfloat16
+                        and bf16_products_pay(rows, weight[0].numel(), weight.shape[0]))
                 dtype = torch.bfloat16 if bf16 else torch.float32
                 with torch.autocast("cpu", enabled=False):
                     return _Im2colConv3d.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                                tuple(self.stride), tuple(self.padding))
             return _Im2colConv3d.apply(x, weight, bias, tuple(self.stride), tuple(self.padding))
+        if routes_to_channels_last(x, self.groups):  # cast first, so that the layout copy moves bf16
+            x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+            return super()._conv_forward(x.contiguous(memory_format=torch.channels_last_3d), weight, bias)
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and not torch.is_autocast_enabled("cpu"):
             if routes_to_padded(x, weight, self.padding, self.dilation, self.groups):
                 p = self.padding
@@ -302,6 +371,19 @@ class FastLinear(nn.Linear):
         return super().forward(x)
 
 
+class FastGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that normalises channels-last CPU inputs (what :class:`FastConv3d` leaves under CPU bf16
+    autocast) in the contiguous layout and hands the result back channels-last (same parameters): PyTorch's
+    channels-last CPU backward is far slower (72 channels at 16^3 in 24 groups, bf16, 2 threads: forward + backward
+    1.65 ms channels-last, 0.20 ms contiguous, 0.085 ms per layout copy)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dim() == 5 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last_3d)):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
+        return super().forward(x)
+
+
 def _swap_class(module: nn.Module, plain: type, fast: type) -> nn.Module:
     """Give every module of exactly type ``plain`` inside ``module`` the subclass ``fast`` (parameters, names and
     state-dict keys stay as they are); returns ``module``."""
@@ -317,10 +399,12 @@ def use_fast_linear(module: nn.Module) -> nn.Module:
 
 
 def use_fast_conv3d(module: nn.Module) -> nn.Module:
-    """Turn every plain ``nn.Conv3d`` inside ``module`` (MONAI blocks included) into a :class:`FastConv3d` (same state)."""
-    return _swap_class(module, nn.Conv3d, FastConv3d)
+    """Turn every plain ``nn.Conv3d`` inside ``module`` (MONAI blocks included) into a :class:`FastConv3d`, and every
+    plain ``nn.GroupNorm`` into a :class:`FastGroupNorm` (same state)."""
+    return _swap_class(_swap_class(module, nn.Conv3d, FastConv3d), nn.GroupNorm, FastGroupNorm)
 
 
-__all__ = ["MAX_IM2COL_VOXELS", "MIN_ONEDNN_PRODUCT", "MIN_ONEDNN_VOXELS", "FastConv3d", "FastLinear",
-           "native_bf16_products", "output_grid", "routes_linear_to_onednn", "routes_to_im2col", "routes_to_onednn",
-           "routes_to_padded", "takes_slow_path", "use_fast_conv3d", "use_fast_linear"]
+__all__ = ["BF16_PRODUCTS_MARGIN", "MAX_IM2COL_VOXELS", "MIN_CHANNELS_LAST_VOXELS", "MIN_ONEDNN_PRODUCT",
+           "MIN_ONEDNN_VOXELS", "FastConv3d", "FastGroupNorm", "FastLinear", "bf16_products_pay",
+           "native_bf16_products", "output_grid", "routes_linear_to_onednn", "routes_to_channels_last",
+           "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path", "use_fast_conv3d", "use_fast_linear"]

@@ -11,8 +11,9 @@ from torch.profiler import ProfilerActivity, profile
 from ddpm import BiFlowNet
 from ddpm import biflownet as biflownet_module
 from ddpm import fast_conv
-from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, FastLinear, output_grid, routes_to_im2col,
-                            routes_to_onednn, routes_to_padded, takes_slow_path, use_fast_conv3d, use_fast_linear)
+from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_CHANNELS_LAST_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, FastGroupNorm,
+                            FastLinear, output_grid, routes_to_channels_last, routes_to_im2col, routes_to_onednn,
+                            routes_to_padded, takes_slow_path, use_fast_conv3d, use_fast_linear)
 from tests.ddpm.conftest import randomize, tiny_network
 
 
@@ -136,6 +137,8 @@ def test_biflownet_convolutions_are_fast_and_keep_their_names(inputs: dict) -> N
     net = BiFlowNet(**tiny_network(cross_attention="footprint", back_projection=True))
     convs = [m for m in net.modules() if isinstance(m, nn.Conv3d)]
     assert convs and all(type(m) is FastConv3d for m in convs)  # MONAI's residual blocks included
+    norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(type(m) is FastGroupNorm for m in norms)
     plain = use_fast_conv3d(nn.Sequential(nn.Conv3d(2, 2, 3)))
     assert type(plain[0]) is FastConv3d and list(plain.state_dict()) == ["0.weight", "0.bias"]
 
@@ -228,12 +231,16 @@ def test_which_grids_are_tiny() -> None:
     assert output_grid(torch.zeros(1, 1, 5, 6, 7), w3, (2, 1, 1), (1, 0, 1), one) == (3, 4, 7)
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_tiny_grids_under_cpu_bf16_autocast_multiply_in_bf16_only_where_native(native: bool,
-                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under CPU bf16 autocast the 2^3 path multiplies in bf16 where the CPU does so natively (values and gradients
-    within bf16 rounding of fp32, the input-gradient fold summed in fp32), and exactly in fp32 elsewhere."""
+@pytest.mark.parametrize("native,faster", [(False, True), (True, False), (True, True)])
+def test_tiny_grids_under_cpu_bf16_autocast_multiply_in_bf16_only_where_native_and_faster(
+        native: bool, faster: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU bf16 autocast the 2^3 path multiplies in bf16 where the CPU does so natively and bf16 was timed
+    faster (values and gradients within bf16 rounding of fp32, the input-gradient fold summed in fp32), and exactly
+    in fp32 elsewhere."""
     monkeypatch.setattr(fast_conv, "native_bf16_products", lambda: native)
+    asked = []
+    monkeypatch.setattr(fast_conv, "_bf16_products_faster", lambda *shape: asked.append(shape) or faster)
+    native = native and faster  # below: whether bf16 products run
     torch.manual_seed(0)
     conv = FastConv3d(64, 16, 3, padding=1)
     x = torch.randn(1, 64, 2, 2, 2).bfloat16().requires_grad_()
@@ -259,7 +266,7 @@ def test_tiny_grids_under_cpu_bf16_autocast_multiply_in_bf16_only_where_native(n
         torch.testing.assert_close(grads[0].bfloat16(), x32.grad.bfloat16())  # fp32, rounded once into x's dtype
         for a, b in zip(grads[1:], [conv.weight.grad, conv.bias.grad]):
             torch.testing.assert_close(a, b)
-    assert fast_conv.native_bf16_products() is native
+    assert asked == ([(8, 64 * 27, 16)] if fast_conv.native_bf16_products() else [])  # rows, kernel width, outputs
     big = torch.randn(1, 64, 4, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(big).dtype == torch.bfloat16  # larger grids keep autocast's bf16
@@ -340,3 +347,123 @@ def test_biflownet_linear_layers_are_fast_and_keep_their_names() -> None:
     assert linears and all(type(m) is FastLinear for m in linears)  # timm's attention and MLP layers included
     plain = use_fast_linear(nn.Sequential(nn.Linear(2, 2)))
     assert type(plain[0]) is FastLinear and list(plain.state_dict()) == ["0.weight", "0.bias"]
+
+
+def test_bf16_products_are_timed_once_per_shape_and_win_only_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 2^3 path's bf16-or-fp32 choice is a measurement: bf16 only where it was timed faster by the margin, once
+    per shape, without touching the global random stream; never without native bf16 products."""
+    import time
+
+    def slow(dtype: torch.dtype):
+        def product(a: torch.Tensor, b: torch.Tensor, bias=None, onednn: bool = True) -> torch.Tensor:
+            if a.dtype == dtype:
+                time.sleep(0.004)
+            return a @ b.t()
+        return product
+
+    fast_conv._bf16_products_faster.cache_clear()
+    try:
+        monkeypatch.setattr(fast_conv, "_product", slow(torch.float32))
+        state = torch.get_rng_state()
+        assert fast_conv._bf16_products_faster(8, 64, 16) is True
+        assert torch.equal(torch.get_rng_state(), state)
+        monkeypatch.setattr(fast_conv, "_product", slow(torch.bfloat16))
+        assert fast_conv._bf16_products_faster(8, 64, 16) is True  # cached: not timed again
+        assert fast_conv._bf16_products_faster(8, 64, 24) is False
+        assert fast_conv._bf16_products_faster.cache_info().currsize == 2
+        monkeypatch.setattr(fast_conv, "native_bf16_products", lambda: False)
+        assert fast_conv.bf16_products_pay(8, 64, 16) is False
+        monkeypatch.setattr(fast_conv, "native_bf16_products", lambda: True)
+        assert fast_conv.bf16_products_pay(8, 64, 16) is True and fast_conv.bf16_products_pay(8, 64, 24) is False
+    finally:
+        fast_conv._bf16_products_faster.cache_clear()
+
+
+def test_which_convolutions_run_channels_last() -> None:
+    assert MIN_CHANNELS_LAST_VOXELS == 512
+    x = torch.zeros(1, 8, 8, 8, 8)
+    assert not routes_to_channels_last(x, 1)  # fp32: not under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert routes_to_channels_last(x, 1) and routes_to_channels_last(x.bfloat16(), 1)
+        assert not routes_to_channels_last(torch.zeros(1, 8, 8, 8, 4), 1)  # 256 voxels
+        assert not routes_to_channels_last(x, 2)  # grouped
+        assert not routes_to_channels_last(torch.zeros(1, 8, 8, 64), 1)  # not 3-D
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not routes_to_channels_last(x, 1)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])
+def test_cpu_bf16_convolutions_run_channels_last_with_the_same_values(stride: int, padding: int) -> None:
+    """Under CPU bf16 autocast, convolutions on grids of 512+ voxels take and leave channels-last tensors (oneDNN's
+    faster kernels for that layout, no re-layout between convolutions); values and gradients are PyTorch's own to
+    bf16 rounding, from fp32 and bf16 inputs alike."""
+    torch.manual_seed(0)
+    conv = FastConv3d(16, 8, 3, stride=stride, padding=padding)
+    ref = nn.Conv3d(16, 8, 3, stride=stride, padding=padding)
+    ref.load_state_dict(conv.state_dict())
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 16, 8, 8, 8).to(dtype).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_ref = conv(x), ref(x_ref)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
+        assert not y_ref.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.02, atol=0.02)
+        grad = torch.randn(y.shape)
+        y.float().backward(grad)
+        y_ref.float().backward(grad)
+        assert x.grad.dtype == dtype
+        torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=0.02, atol=0.05)
+        conv.zero_grad()
+        ref.zero_grad()
+
+
+def test_biflownet_under_cpu_bf16_autocast_gives_the_same_step_with_channels_last(
+        inputs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole training step of BiFlowNet under CPU bf16 autocast (native) works with channels-last activations
+    (norms, activations, patching and attention take them) and matches the step without, to bf16 rounding."""
+    monkeypatch.setattr(biflownet_module, "_native_cpu_bf16", lambda: True)
+    net = randomize(BiFlowNet(**tiny_network(cross_attention="footprint", back_projection=True)))
+    results = []
+    for min_voxels in (MIN_CHANNELS_LAST_VOXELS, 10**9):
+        monkeypatch.setattr(fast_conv, "MIN_CHANNELS_LAST_VOXELS", min_voxels)
+        net.zero_grad()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = net(**inputs)
+            out.float().square().mean().backward()
+        layouts = [e for e in prof.key_averages() if e.key == "aten::contiguous"]
+        results.append((out.float(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.parameters()],
+                        layouts))
+    (out, grads, layouts), (out_ref, grads_ref, _) = results
+    assert layouts  # the channels-last copies happened in the first run
+    torch.testing.assert_close(out, out_ref, rtol=0.05, atol=0.05)
+    num = sum((a - b).square().sum() for a, b in zip(grads, grads_ref))
+    den = sum(b.square().sum() for b in grads_ref)
+    assert (num / den).sqrt() < 0.05  # relative gradient difference, all parameters
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_of_channels_last_inputs_keeps_the_layout_and_pytorchs_values(dtype: torch.dtype) -> None:
+    """FastGroupNorm normalises a channels-last CPU input in the contiguous layout (PyTorch's channels-last CPU
+    backward is slow) and returns it channels-last, with nn.GroupNorm's values and gradients; other inputs pass."""
+    torch.manual_seed(0)
+    fast, ref = FastGroupNorm(4, 12), nn.GroupNorm(4, 12)
+    randomize(fast)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 12, 4, 5, 6).to(dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = fast(x), ref(x_ref)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    grad = torch.randn(y.shape).to(dtype)
+    y.backward(grad)
+    y_ref.backward(grad)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02}
+    torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **tol)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, **tol)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad, **tol)
+    flat = torch.randn(2, 12, 4, 5, 6)
+    assert fast(flat).is_contiguous() and torch.equal(fast(flat), ref(flat))
+    assert torch.equal(fast(flat[..., :1, :1, :1].contiguous()), ref(flat[..., :1, :1, :1].contiguous()))
