@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dataset.drr import DRRGeometry
-from ddpm.dit_block import DiTBlock, FinalLayer
+from ddpm.dit_block import DiTBlock, FinalLayer, use_fast_attention
 from ddpm.embeddings import LabelEmbedder, ResolutionEmbedder, TimestepEmbedder, sincos_pos_embed_3d
 from ddpm.fast_conv import use_fast_conv3d, use_fast_linear
 from ddpm.xray_conditioner import CROSS_ATTENTION_MODES, XrayConditioner
@@ -423,6 +423,7 @@ class BiFlowNet(nn.Module):
         # training step of the base preset took 2.4x as long (3.61 vs 1.52 s; 8.76 vs 7.97 s at 32^3)
         use_fast_conv3d(self)  # small CPU convolutions on oneDNN too (see ddpm.fast_conv)
         use_fast_linear(self)  # and fp32 CPU linear layers on oneDNN's inner product
+        use_fast_attention(self)  # and timm's attention through ddpm.dit_block.attention
 
     @property
     def xray_encoder(self):

@@ -9,6 +9,8 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from ddpm.fast_conv import _swap_class
+
 
 # Under CPU bf16 autocast, attention with heads narrower than this runs in fp32. PyTorch's CPU bf16 attention
 # kernel is slow there (2 threads, Xeon with AMX, forward + backward of timm's Attention): 64 tokens x 8 sub-volumes,
@@ -21,32 +23,93 @@ CPU_BF16_MIN_HEAD_DIM = 32
 CPU_MIN_HEAD_DIM = 16
 
 
-def attention_in_fp32(x: torch.Tensor, head_dim: int) -> bool:
-    """Whether attention over ``x`` with heads of ``head_dim`` channels runs in fp32 (CPU bf16 autocast only)."""
+# Under CPU bf16, attention whose score matrix (batch x heads x queries x keys) has at most this many elements runs
+# as explicit products: bf16 scores, a softmax that sums in fp32, bf16 weights times values (what autocast does
+# with the textbook formula). PyTorch's CPU bf16 flash kernel is several times slower at BiFlowNet's sizes (forward +
+# backward, 2 threads, AMD EPYC with AVX512-BF16): 8 heads of 9 over 512 x 512 tokens 2.3 ms explicit, 5.4 ms flash
+# (4.9 ms flash in fp32); 8 heads of 32 over 512 x 512 3.1 / 7.5 ms; 64 x 8 heads of 9 over 64 x 64 0.52 / 4.5 ms
+# (1.25 ms flash in fp32). Larger ones keep the flash kernel, whose memory does not grow with the score matrix.
+CPU_BF16_MAX_EXPLICIT_SCORES = 2**22
+
+
+def attention_in_fp32(x: torch.Tensor, head_dim: int, keys: int | None = None) -> bool:
+    """Whether attention over ``x`` (B, L, C) with heads of ``head_dim`` channels and ``keys`` key tokens (default:
+    self-attention, L) runs in fp32: CPU bf16 autocast only, for narrow heads whose score matrix is too large for
+    the explicit bf16 path (``CPU_BF16_MAX_EXPLICIT_SCORES``)."""
+    keys = x.shape[1] if keys is None else keys
     return (x.device.type == "cpu" and head_dim < CPU_BF16_MIN_HEAD_DIM and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and x.shape[0] * (x.shape[-1] // head_dim) * x.shape[1] * keys > CPU_BF16_MAX_EXPLICIT_SCORES)
 
 
 def _attend(layer: nn.Module, head_dim: int, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``layer(*tensors, **kwargs)`` (an attention sub-layer), in fp32 where :func:`attention_in_fp32` says so."""
-    if attention_in_fp32(tensors[0], head_dim):
+    """``layer(*tensors, **kwargs)`` (an attention sub-layer over ``tensors[0]``, keys from ``tensors[-1]``), in fp32
+    where :func:`attention_in_fp32` says so."""
+    if attention_in_fp32(tensors[0], head_dim, tensors[-1].shape[1]):
         with torch.autocast("cpu", enabled=False):
             return layer(*(t.float() for t in tensors), **kwargs)
     return layer(*tensors, **kwargs)
 
 
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """Softmax attention over ``(B, heads, L, head_dim)`` as explicit products in the inputs' dtype (the softmax
+    sums in fp32); the scale and the mask enter the score product itself (``baddbmm``). A boolean mask keeps the True
+    positions, and a query with none left gets zeros, as ``F.scaled_dot_product_attention`` gives it."""
+    b, h, n, d = q.shape
+    q3, k3, v3 = q.reshape(b * h, n, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, v.shape[-1])
+    keep = None
+    if attn_mask is None:
+        bias, beta = q3.new_empty(()), 0.0
+    else:
+        if attn_mask.dtype == torch.bool:  # a finite fill: a fully masked row softmaxes to finite values
+            keep, attn_mask = attn_mask, torch.zeros((), dtype=q.dtype).masked_fill(~attn_mask, torch.finfo(q.dtype).min)
+        bias, beta = attn_mask.to(q.dtype).expand(b, h, n, k3.shape[1]), 1.0
+        bias = bias[:1, :1].reshape(1, n, -1) if bias.stride(0) == bias.stride(1) == 0 else bias.reshape(b * h, n, -1)
+    scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), beta=beta, alpha=scale)
+    out = (torch.softmax(scores, dim=-1) @ v3).view(b, h, n, -1)  # PyTorch's CPU softmax sums bf16 in fp32
+    if keep is not None and not bool(keep.any(-1).all()):
+        out = out * keep.any(-1, keepdim=True).to(out.dtype)  # rows with nothing to attend to: zeros
+    return out
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` over ``(B, heads, L, head_dim)``; on the CPU, heads narrower than
+    """``F.scaled_dot_product_attention`` over ``(B, heads, L, head_dim)``. On the CPU, bf16 attention with at most
+    ``CPU_BF16_MAX_EXPLICIT_SCORES`` scores runs as explicit products (softmax in fp32), and heads narrower than
     ``CPU_MIN_HEAD_DIM`` are zero-padded to it (extra query/key channels add nothing to the scores and extra value
-    channels are cut off again), which the CPU kernel runs faster."""
+    channels are cut off again): both faster than PyTorch's CPU kernel there."""
     head_dim = q.shape[-1]
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16
+            and q.shape[:-1].numel() * k.shape[-2] <= CPU_BF16_MAX_EXPLICIT_SCORES):
+        return _explicit_attention(q, k, v, attn_mask, head_dim ** -0.5)
     if q.device.type != "cpu" or head_dim >= CPU_MIN_HEAD_DIM:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     pad = (0, CPU_MIN_HEAD_DIM - head_dim)
     out = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), attn_mask=attn_mask,
                                          scale=head_dim ** -0.5)
     return out[..., :head_dim]
+
+
+class FastAttention(Attention):
+    """timm's ``Attention`` (the DiT blocks' and the X-ray encoder's) whose core runs through :func:`attention`,
+    same parameters and state-dict keys; timm's own forward where that core does not apply (causal, gated or
+    dropout-in-training attention, or timm's fused attention switched off)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if (is_causal or getattr(self, "gate", None) is not None or not self.fused_attn
+                or (self.training and self.attn_drop.p > 0)):
+            return super().forward(x, attn_mask, is_causal) if is_causal else super().forward(x, attn_mask)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(b, n, getattr(self, "attn_dim", self.num_heads * self.head_dim))
+        return self.proj_drop(self.proj(getattr(self, "norm", nn.Identity())(out)))
+
+
+def use_fast_attention(module: nn.Module) -> nn.Module:
+    """Turn every plain timm ``Attention`` inside ``module`` into a :class:`FastAttention` (same state)."""
+    return _swap_class(module, Attention, FastAttention)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

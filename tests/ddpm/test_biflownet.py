@@ -203,13 +203,19 @@ def test_unet_attention_is_fused_and_equals_the_explicit_softmax(inputs: dict) -
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dim,heads,fp32", [(16, 2, True), (72, 8, True), (64, 2, False)])
-def test_narrow_attention_heads_compute_in_fp32_under_cpu_bf16_autocast(dim: int, heads: int, fp32: bool) -> None:
+@pytest.mark.parametrize("dim,heads,limit,fp32", [(16, 2, 0, True), (72, 8, 0, True), (64, 2, 0, False),
+                                                   (16, 2, None, False)])
+def test_narrow_attention_heads_compute_in_fp32_under_cpu_bf16_autocast(dim: int, heads: int, limit: int | None,
+                                                                        fp32: bool, monkeypatch) -> None:
     """Heads narrower than CPU_BF16_MIN_HEAD_DIM (32) leave CPU bf16 autocast for the self- and cross-attention
-    sub-layers (measured faster there); wider ones, and fp32 runs, are untouched."""
+    sub-layers (measured faster there) when their score matrix is too large for the explicit bf16 path (``limit``:
+    CPU_BF16_MAX_EXPLICIT_SCORES, 0 = none is small enough); wider ones, small ones, and fp32 runs are untouched."""
+    from ddpm import dit_block
     from ddpm.dit_block import CPU_BF16_MIN_HEAD_DIM, attention_in_fp32
 
     assert CPU_BF16_MIN_HEAD_DIM == 32
+    if limit is not None:
+        monkeypatch.setattr(dit_block, "CPU_BF16_MAX_EXPLICIT_SCORES", limit)
     block = randomize(DiTBlock(dim=dim, num_heads=heads, cond_dim=16, context_dim=12)).eval()
     seen = {}
     block.attn.qkv.register_forward_hook(lambda m, i, o: seen.__setitem__("self", o.dtype))
@@ -226,6 +232,88 @@ def test_narrow_attention_heads_compute_in_fp32_under_cpu_bf16_autocast(dim: int
     assert seen == {"self": expected, "cross": expected, "mlp": torch.bfloat16}
     torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=0.05)
     assert not attention_in_fp32(x, dim // heads)  # outside autocast: nothing to change
+
+
+@pytest.mark.parametrize("mask_shape", [None, (1, 1, 10, 7), (2, 1, 10, 7), "additive"])
+def test_explicit_attention_equals_pytorchs_with_masks_and_empty_rows(mask_shape) -> None:
+    """The explicit attention core (CPU bf16 path) is PyTorch's attention exactly, in float64: values and gradients,
+    shared or per-batch boolean masks with queries that see no key (zeros, finite gradients), additive masks."""
+    import torch.nn.functional as F
+
+    from ddpm.dit_block import _explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (10, 7, 7))
+    mask = None
+    if mask_shape == "additive":
+        mask = torch.randn(1, 3, 10, 7, generator=g, dtype=torch.float64)
+    elif mask_shape is not None:
+        mask = torch.rand(mask_shape, generator=g) > 0.4
+        mask[..., 0, :] = True
+        mask[..., 3, :] = False  # query 3 sees nothing
+    grad = torch.randn(2, 3, 10, 5, generator=g, dtype=torch.float64)
+    out = _explicit_attention(q, k, v, mask, 0.3)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(out, reference)
+    if mask_shape not in (None, "additive"):
+        assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(reference, (q, k, v), grad)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("limit,explicit", [(None, True), (0, False)])
+def test_cpu_bf16_attention_runs_explicit_products_up_to_the_limit(limit: int | None, explicit: bool,
+                                                                   monkeypatch) -> None:
+    """CPU bf16 attention with at most CPU_BF16_MAX_EXPLICIT_SCORES scores skips PyTorch's flash kernel (slow for
+    bf16 on the CPU) and agrees with fp32 attention to bf16 rounding; larger ones keep the kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ddpm import dit_block
+
+    if limit is not None:
+        monkeypatch.setattr(dit_block, "CPU_BF16_MAX_EXPLICIT_SCORES", limit)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 9, generator=g) for n in (64, 48, 48))
+    mask = torch.rand(1, 1, 64, 48, generator=g) > 0.3
+    mask[..., 0] = True
+    reference = dit_block.attention(q, k, v, attn_mask=mask)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = dit_block.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask)
+    flash = any("flash_attention" in e.key for e in prof.key_averages())
+    assert flash is not explicit and out.dtype == torch.bfloat16 and out.shape == reference.shape
+    torch.testing.assert_close(out.float(), reference, rtol=0.03, atol=0.03)
+    assert 2 * 4 * 64 * 48 <= dit_block.CPU_BF16_MAX_EXPLICIT_SCORES or not explicit
+
+
+def test_timm_attention_runs_through_ours_with_the_same_state_and_values() -> None:
+    """Every timm Attention in BiFlowNet (DiT blocks, X-ray encoder) becomes a FastAttention: same state-dict keys,
+    timm's values in fp32 and float64, PyTorch's own forward where ours does not apply."""
+    from timm.models.vision_transformer import Attention
+
+    from ddpm.dit_block import FastAttention, use_fast_attention
+
+    net = BiFlowNet(**tiny_network())
+    attns = [m for m in net.modules() if isinstance(m, Attention)]
+    assert attns and all(type(m) is FastAttention for m in attns)
+    assert any("xray" in name for name, m in net.named_modules() if isinstance(m, FastAttention))
+    torch.manual_seed(0)
+    plain = randomize(Attention(24, num_heads=4, qkv_bias=True)).eval()
+    fast = use_fast_attention(randomize(Attention(24, num_heads=4, qkv_bias=True))).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert type(fast) is FastAttention and list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(3, 11, 24)
+    torch.testing.assert_close(fast(x), plain(x))
+    torch.testing.assert_close(fast.double()(x.double()), plain.double()(x.double()))
+    mask = torch.rand(11, 11) > 0.5
+    mask[:, 0] = True
+    torch.testing.assert_close(fast(x.double(), attn_mask=mask), plain(x.double(), attn_mask=mask))
+    dropping = use_fast_attention(Attention(24, num_heads=4, attn_drop=0.5)).train()
+    torch.manual_seed(1)
+    a = dropping(x)
+    torch.manual_seed(1)
+    b = Attention.forward(dropping, x)  # timm's own forward, with its attention dropout
+    torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("head_dim,masked", [(9, False), (9, True), (4, True), (16, False), (18, False)])
