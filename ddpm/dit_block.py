@@ -28,8 +28,11 @@ CPU_MIN_HEAD_DIM = 16
 # with the textbook formula). PyTorch's CPU bf16 flash kernel is several times slower at BiFlowNet's sizes (forward +
 # backward, 2 threads, AMD EPYC with AVX512-BF16): 8 heads of 9 over 512 x 512 tokens 2.3 ms explicit, 5.4 ms flash
 # (4.9 ms flash in fp32); 8 heads of 32 over 512 x 512 3.1 / 7.5 ms; 64 x 8 heads of 9 over 64 x 64 0.52 / 4.5 ms
-# (1.25 ms flash in fp32). Larger ones keep the flash kernel, whose memory does not grow with the score matrix.
-CPU_BF16_MAX_EXPLICIT_SCORES = 2**22
+# (1.25 ms flash in fp32); base training step under bf16 autocast 0.92x at 16^3 and 0.89x at 32^3, where 2^24 covers
+# the cross-attention (4096 x 512 tokens, 8 heads) and the sub-volume self-attention (512 x 8 heads of 64 x 64).
+# Each call keeps its bf16 scores and weights for the backward pass (64 MB at 2^24); larger score matrices keep the
+# flash kernel, whose memory does not grow with them.
+CPU_BF16_MAX_EXPLICIT_SCORES = 2**24
 
 
 def attention_in_fp32(x: torch.Tensor, head_dim: int, keys: int | None = None) -> bool:
