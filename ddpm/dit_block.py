@@ -67,8 +67,10 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     else:
         if attn_mask.dtype == torch.bool:  # a finite fill: a fully masked row softmaxes to finite values
             keep, attn_mask = attn_mask, torch.zeros((), dtype=q.dtype).masked_fill(~attn_mask, torch.finfo(q.dtype).min)
-        bias, beta = attn_mask.to(q.dtype).expand(b, h, n, k3.shape[1]), 1.0
-        bias = bias[:1, :1].reshape(1, n, -1) if bias.stride(0) == bias.stride(1) == 0 else bias.reshape(b * h, n, -1)
+        bias, beta = attn_mask.to(q.dtype), 1.0
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # broadcastable to (B, heads, L, keys)
+        shared = bias.shape[0] == bias.shape[1] == 1  # one mask for every batch element and head: not copied
+        bias = bias.expand(1 if shared else b, 1 if shared else h, n, k3.shape[1]).reshape(-1, n, k3.shape[1])
     scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), beta=beta, alpha=scale)
     out = (torch.softmax(scores, dim=-1) @ v3).view(b, h, n, -1)  # PyTorch's CPU softmax sums bf16 in fp32
     if keep is not None and not bool(keep.any(-1).all()):

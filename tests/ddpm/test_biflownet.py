@@ -234,7 +234,7 @@ def test_narrow_attention_heads_compute_in_fp32_under_cpu_bf16_autocast(dim: int
     assert not attention_in_fp32(x, dim // heads)  # outside autocast: nothing to change
 
 
-@pytest.mark.parametrize("mask_shape", [None, (1, 1, 10, 7), (2, 1, 10, 7), "additive"])
+@pytest.mark.parametrize("mask_shape", [None, (10, 7), (1, 1, 10, 7), (2, 1, 10, 7), (2, 3, 10, 7), "additive"])
 def test_explicit_attention_equals_pytorchs_with_masks_and_empty_rows(mask_shape) -> None:
     """The explicit attention core (CPU bf16 path) is PyTorch's attention exactly, in float64: values and gradients,
     shared or per-batch boolean masks with queries that see no key (zeros, finite gradients), additive masks."""
