@@ -58,7 +58,6 @@ of the 2^3 path and about 2x for the token MLPs and projections (2 threads, 2-co
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import platform
@@ -67,6 +66,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes  # PyTorch's own, since 2.0
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
 if torch.ops.aten.mkldnn_convolution.default not in flop_registry:  # torch counts aten.convolution only
@@ -197,15 +197,6 @@ def bf16_products_pay(rows: int, k: int, n: int) -> bool:
     return native_bf16_products() and _bf16_products_faster(rows, k, n)
 
 
-def _outside_dispatch_modes() -> contextlib.AbstractContextManager:
-    """Suspends the active ``TorchDispatchMode`` stack (PyTorch's own helper; a no-op where it is missing)."""
-    try:
-        from torch.utils._python_dispatch import _disable_current_modes
-    except ImportError:
-        return contextlib.nullcontext()
-    return _disable_current_modes()
-
-
 @functools.cache
 def _bf16_products_faster(rows: int, k: int, n: int) -> bool:
     """Both ways of :func:`bf16_products_pay` timed (best of 3, interleaved, after a warm-up) on seeded data that
@@ -222,7 +213,7 @@ def _bf16_products_faster(rows: int, k: int, n: int) -> bool:
 
     best = {fp32: float("inf"), bf16: float("inf")}
     # outside any active dispatch mode (a FLOP counter, a profiler's), which would count these products as the model's
-    with _outside_dispatch_modes(), torch.no_grad(), torch.autocast("cpu", enabled=False):
+    with _disable_current_modes(), torch.no_grad(), torch.autocast("cpu", enabled=False):
         for run in best:  # warm-up
             run()
         for _ in range(3):
