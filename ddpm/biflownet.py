@@ -167,10 +167,11 @@ def _res(ch_in: int, ch_out: int, cond_dim: int, groups: int) -> DiffusionUNetRe
     return DiffusionUNetResnetBlock(3, ch_in, cond_dim, ch_out, norm_num_groups=groups)
 
 
-def _attn(ch: int, on: bool, groups: int) -> nn.Module:
+def _attn(ch: int, on: bool, groups: int, heads: int = 4) -> nn.Module:
     if not on:
         return nn.Identity()
-    return SpatialAttentionBlock(3, ch, num_head_channels=max(ch // 4, 1), norm_num_groups=groups, use_flash_attention=True)
+    return SpatialAttentionBlock(3, ch, num_head_channels=max(ch // heads, 1), norm_num_groups=groups,
+                                 use_flash_attention=True)
 
 
 class _Downsample(nn.Module):
@@ -200,14 +201,16 @@ class DownStage(nn.Module):
         groups: GroupNorm groups.
         attention: spatial self-attention after each residual block.
         downsample: halve the resolution at the end.
+        heads: heads of that attention.
     """
 
-    def __init__(self, ch_in: int, ch_out: int, cond_dim: int, groups: int, attention: bool, downsample: bool) -> None:
+    def __init__(self, ch_in: int, ch_out: int, cond_dim: int, groups: int, attention: bool, downsample: bool,
+                 heads: int = 4) -> None:
         super().__init__()
         self.res1 = _res(ch_in, ch_out, cond_dim, groups)
-        self.attn1 = _attn(ch_out, attention, groups)
+        self.attn1 = _attn(ch_out, attention, groups, heads)
         self.res2 = _res(ch_out, ch_out, cond_dim, groups)
-        self.attn2 = _attn(ch_out, attention, groups)
+        self.attn2 = _attn(ch_out, attention, groups, heads)
         self.resample = _Downsample(ch_out) if downsample else nn.Identity()
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, gc: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -227,14 +230,16 @@ class UpStage(nn.Module):
         groups: GroupNorm groups.
         attention: spatial self-attention after each residual block.
         upsample: double the resolution at the end.
+        heads: heads of that attention.
     """
 
-    def __init__(self, ch_skip: int, ch_out: int, cond_dim: int, groups: int, attention: bool, upsample: bool) -> None:
+    def __init__(self, ch_skip: int, ch_out: int, cond_dim: int, groups: int, attention: bool, upsample: bool,
+                 heads: int = 4) -> None:
         super().__init__()
         self.res1 = _res(2 * ch_skip, ch_skip, cond_dim, groups)
-        self.attn1 = _attn(ch_skip, attention, groups)
+        self.attn1 = _attn(ch_skip, attention, groups, heads)
         self.res2 = _res(2 * ch_skip, ch_out, cond_dim, groups)
-        self.attn2 = _attn(ch_out, attention, groups)
+        self.attn2 = _attn(ch_out, attention, groups, heads)
         self.resample = _Upsample(ch_out) if upsample else nn.Identity()
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, skips: list[torch.Tensor], gc: bool) -> torch.Tensor:
@@ -247,10 +252,10 @@ class UpStage(nn.Module):
 class MidStage(nn.Module):
     """U-Net bottleneck: residual block, spatial self-attention, residual block."""
 
-    def __init__(self, ch: int, cond_dim: int, groups: int) -> None:
+    def __init__(self, ch: int, cond_dim: int, groups: int, heads: int = 4) -> None:
         super().__init__()
         self.res1 = _res(ch, ch, cond_dim, groups)
-        self.attn = _attn(ch, True, groups)
+        self.attn = _attn(ch, True, groups, heads)
         self.res2 = _res(ch, ch, cond_dim, groups)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, gc: bool) -> torch.Tensor:
@@ -269,6 +274,7 @@ class InterPatchUNet(nn.Module):
         cond_dim: conditioning width.
         groups: GroupNorm groups.
         grad_checkpointing: recompute the residual blocks in backward.
+        heads: heads of the spatial self-attention.
     """
 
     def __init__(
@@ -281,6 +287,7 @@ class InterPatchUNet(nn.Module):
         cond_dim: int,
         groups: int,
         grad_checkpointing: bool = False,
+        heads: int = 4,
     ) -> None:
         super().__init__()
         self.n_levels = len(mults)
@@ -289,12 +296,13 @@ class InterPatchUNet(nn.Module):
         dims = [dim] + [dim * m for m in mults]
         self.init_conv = nn.Conv3d(in_channels, dim, 3, padding=1)
         self.down = nn.ModuleList([
-            DownStage(dims[i], dims[i + 1], cond_dim, groups, i in attn_levels, self.n_fusion - 1 <= i < self.n_levels - 1)
+            DownStage(dims[i], dims[i + 1], cond_dim, groups, i in attn_levels,
+                      self.n_fusion - 1 <= i < self.n_levels - 1, heads)
             for i in range(self.n_levels)
         ])  # fmt: skip
-        self.mid = MidStage(dims[-1], cond_dim, groups)
+        self.mid = MidStage(dims[-1], cond_dim, groups, heads)
         self.up = nn.ModuleList([
-            UpStage(dims[i + 1], dims[i], cond_dim, groups, i in attn_levels, i >= self.n_fusion)
+            UpStage(dims[i + 1], dims[i], cond_dim, groups, i in attn_levels, i >= self.n_fusion, heads)
             for i in reversed(range(self.n_levels))
         ])  # fmt: skip
         self.out_res = _res(2 * dim, dim, cond_dim, groups)
@@ -336,6 +344,9 @@ class BiFlowNet(nn.Module):
             intra-patch features (at least one).
         attn_levels: U-Net levels with spatial self-attention (the middle block always has it).
         norm_groups: GroupNorm groups in the U-Net.
+        unet_heads: heads of the U-Net's spatial self-attention (each ``channels / unet_heads`` wide). Narrow heads
+            make it cost more than its products: at the ``tiny`` preset's 32 channels on 8^3, four heads of 8 took
+            about 5x as long as one head of 32 (softmax over four times the scores).
         sub_volume: edge of a latent sub-volume (intra-patch unit) in latent voxels.
         token_patch: edge of one DiT token in latent voxels; must divide ``sub_volume``.
         dit_heads: attention heads in DiT blocks.
@@ -359,6 +370,7 @@ class BiFlowNet(nn.Module):
         channel_mults: Sequence[int] = (1, 1, 2, 4),
         attn_levels: Sequence[int] = (),
         norm_groups: int = 8,
+        unet_heads: int = 4,
         sub_volume: int = 8,
         token_patch: int = 2,
         dit_heads: int = 4,
@@ -381,6 +393,10 @@ class BiFlowNet(nn.Module):
             raise ValueError(f"channel_mults must start with 1 (a full-resolution fusion level), got {mults}")
         if sub_volume % token_patch:
             raise ValueError(f"sub_volume={sub_volume} is not divisible by token_patch={token_patch}")
+        if (isinstance(unet_heads, bool) or not isinstance(unet_heads, int) or unet_heads < 1
+                or model_channels % unet_heads):
+            raise ValueError(f"unet_heads={unet_heads!r}; expected a positive integer that divides "
+                             f"model_channels={model_channels}")
         if cross_attention not in CROSS_ATTENTION_MODES:
             raise ValueError(f"cross_attention={cross_attention!r}, expected one of {CROSS_ATTENTION_MODES}")
         if xray is None and (cross_attention != "none" or back_projection):
@@ -416,7 +432,7 @@ class BiFlowNet(nn.Module):
         self.dit = IntraPatchDiT(net_in, dim, cond_dim, sub_volume, token_patch, dit_heads, mlp_ratio, n_fusion,
                                  num_mid_dit, context_dim, grad_checkpointing)
         self.unet = InterPatchUNet(net_in, self.out_channels, dim, mults, attn_levels, cond_dim, norm_groups,
-                                   grad_checkpointing)
+                                   grad_checkpointing, unet_heads)
         self.initialize_weights()
         # conv weights stay in PyTorch's default NCDHW layout: with NDHWC weights every batch-1 convolution
         # on a small grid (PyTorch's reference kernel) re-laid its kernel out in each direction and a 16^3

@@ -182,6 +182,29 @@ def test_outputs_are_pinned(name: str) -> None:
     torch.testing.assert_close(got, torch.tensor(values), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("heads", [None, 1, 2])
+def test_unet_heads_set_the_spatial_attention_heads(heads: int | None, inputs: dict) -> None:
+    """``unet_heads`` splits the U-Net's spatial self-attention (default 4, as before the option existed, so older
+    checkpoints rebuild unchanged); the parameters keep their shapes, the attention its meaning per head."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    kwargs = {} if heads is None else {"unet_heads": heads}
+    net = _fill(BiFlowNet(**tiny_network(**kwargs))).eval()
+    blocks = [m for m in net.unet.modules() if isinstance(m, SABlock)]
+    assert blocks and {b.num_heads for b in blocks} == {heads or 4}
+    ref = _fill(BiFlowNet(**tiny_network())).eval()
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    with torch.no_grad():
+        same = torch.equal(net(**inputs), ref(**inputs))
+    assert same == (heads in (None, 4))
+
+
+@pytest.mark.parametrize("heads", [0, -1, 3, 1.0, True, "2"])
+def test_bad_unet_heads_are_refused_in_one_line(heads) -> None:
+    with pytest.raises(ValueError, match=r"unet_heads=.*model_channels=8"):
+        BiFlowNet(**tiny_network(unet_heads=heads))
+
+
 def test_unet_attention_is_fused_and_equals_the_explicit_softmax(inputs: dict) -> None:
     """The inter-patch U-Net's spatial self-attention runs PyTorch's fused SDPA (the explicit softmax path cost
     30 % of a demo training step) and computes what the explicit path computes, forward and backward."""
