@@ -49,6 +49,13 @@ of the older blocked-layout ones and no re-layout happens between consecutive co
 normalises such tensors in the contiguous layout, where PyTorch's CPU backward is several times faster
 (2 threads, AMD EPYC with AVX512-BF16, 72 -> 72 channels at 16^3: forward + backward 10.0 instead of 13.1 ms;
 base training step at 16^3 under bf16 autocast 0.95x).
+Narrow fp32 convolutions (at most ``MAX_FP32_CHANNELS_LAST_CHANNELS`` channels in and out, batches of two or more)
+take the same channels-last route outside autocast: there oneDNN's blocked-layout kernels spend more on re-laying out
+the activations than on the products. Without AVX-512 the blocked backward also has no direct 3D weight-gradient
+kernel and falls back to im2col + GEMM (2 threads, 2-core AMD EPYC, 16 -> 16 channels at 16^3, batch 4, forward +
+backward: 6.6 -> 5.0 ms with the ISA capped at AVX2, 4.1 -> 1.7 ms with AVX-512; the ``tiny`` preset's demo training
+step 0.88-0.95x with AVX2, unchanged with AVX-512). Wider convolutions stay in the contiguous layout, where fp32
+channels-last measured slower (base preset at 16^3: 1.08x).
 
 PyTorch sends fp32 CPU matrix products to MKL's GEMM, and bf16 ones to oneDNN. On x86 the fp32 products
 of the 2^3 path and of :class:`FastLinear` (every ``nn.Linear`` of BiFlowNet) run on oneDNN's inner product
@@ -90,8 +97,10 @@ _SLOW_PATH_ELEMENTS = 20480
 MIN_ONEDNN_VOXELS = 512
 # largest output grid (D*H*W per sample) that runs as one matrix product with the im2col (module docstring)
 MAX_IM2COL_VOXELS = 8
-# smallest input grid (D*H*W) whose convolution runs channels-last under CPU bf16 autocast (module docstring)
+# smallest input grid (D*H*W) whose convolution runs channels-last (module docstring)
 MIN_CHANNELS_LAST_VOXELS = 512
+# widest fp32 convolution (input or output channels) that runs channels-last on batches of two or more (docstring)
+MAX_FP32_CHANNELS_LAST_CHANNELS = 32
 
 
 def takes_slow_path(x: torch.Tensor, weight: torch.Tensor, dilation, groups: int) -> bool:
@@ -115,12 +124,17 @@ def routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, stride, padding, dil
             and x.shape[2] * x.shape[3] * x.shape[4] >= MIN_ONEDNN_VOXELS)
 
 
-def routes_to_channels_last(x: torch.Tensor, groups: int) -> bool:
-    """Whether :class:`FastConv3d` runs this convolution on a channels-last input (and leaves its output so): CPU bf16
-    autocast, grids of at least ``MIN_CHANNELS_LAST_VOXELS`` voxels."""
-    return (x.device.type == "cpu" and x.dim() == 5 and x.is_floating_point() and groups == 1
-            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and x.shape[2] * x.shape[3] * x.shape[4] >= MIN_CHANNELS_LAST_VOXELS)
+def routes_to_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None) -> bool:
+    """Whether :class:`FastConv3d` runs this convolution on a channels-last input (and leaves its output so): grids of
+    at least ``MIN_CHANNELS_LAST_VOXELS`` voxels, under CPU bf16 autocast, or in fp32 outside autocast for batches of
+    two or more when ``weight`` has at most ``MAX_FP32_CHANNELS_LAST_CHANNELS`` input and output channels."""
+    if not (x.device.type == "cpu" and x.dim() == 5 and x.is_floating_point() and groups == 1
+            and x.shape[2] * x.shape[3] * x.shape[4] >= MIN_CHANNELS_LAST_VOXELS):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return (weight is not None and x.dtype == torch.float32 and x.shape[0] > 1
+            and max(weight.shape[0], weight.shape[1]) <= MAX_FP32_CHANNELS_LAST_CHANNELS)
 
 
 class _OneDnnConv3d(torch.autograd.Function):
@@ -319,8 +333,9 @@ class FastConv3d(nn.Conv3d):
                     return _Im2colConv3d.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                                tuple(self.stride), tuple(self.padding))
             return _Im2colConv3d.apply(x, weight, bias, tuple(self.stride), tuple(self.padding))
-        if routes_to_channels_last(x, self.groups):  # cast first, so that the layout copy moves bf16
-            x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        if routes_to_channels_last(x, self.groups, weight):  # cast first, so that the layout copy moves bf16
+            if torch.is_autocast_enabled("cpu"):
+                x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
             return super()._conv_forward(x.contiguous(memory_format=torch.channels_last_3d), weight, bias)
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and not torch.is_autocast_enabled("cpu"):
             if routes_to_padded(x, weight, self.padding, self.dilation, self.groups):
@@ -406,7 +421,8 @@ def use_fast_conv3d(module: nn.Module) -> nn.Module:
     return _swap_class(_swap_class(module, nn.Conv3d, FastConv3d), nn.GroupNorm, FastGroupNorm)
 
 
-__all__ = ["BF16_PRODUCTS_MARGIN", "MAX_IM2COL_VOXELS", "MIN_CHANNELS_LAST_VOXELS", "MIN_ONEDNN_PRODUCT",
-           "MIN_ONEDNN_VOXELS", "FastConv3d", "FastGroupNorm", "FastLinear", "bf16_products_pay",
-           "native_bf16_products", "output_grid", "routes_linear_to_onednn", "routes_to_channels_last",
-           "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path", "use_fast_conv3d", "use_fast_linear"]
+__all__ = ["BF16_PRODUCTS_MARGIN", "MAX_FP32_CHANNELS_LAST_CHANNELS", "MAX_IM2COL_VOXELS",
+           "MIN_CHANNELS_LAST_VOXELS", "MIN_ONEDNN_PRODUCT", "MIN_ONEDNN_VOXELS", "FastConv3d", "FastGroupNorm",
+           "FastLinear", "bf16_products_pay", "native_bf16_products", "output_grid", "routes_linear_to_onednn",
+           "routes_to_channels_last", "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path",
+           "use_fast_conv3d", "use_fast_linear"]

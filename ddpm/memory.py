@@ -133,23 +133,26 @@ def count_training_step(network: dict, batch: int, device: str = "meta", bf16: b
     """Live bytes of one BiFlowNet training step (forward, loss, backward) of ``network`` (BiFlowNet kwargs).
 
     ``bf16`` counts the step under bf16 autocast as a GPU runs it (also on a CPU without native bf16). The
-    returned counter also carries ``params``, the bytes of the weights.
+    activations keep the layout a GPU gives them: a count on the CPU leaves out the copies of the CPU-only fp32
+    channels-last route (``ddpm.fast_conv.MAX_FP32_CHANNELS_LAST_CHANNELS``). The returned counter also carries
+    ``params``, the bytes of the weights.
     """
-    from ddpm import BiFlowNet, biflownet
+    from ddpm import BiFlowNet, biflownet, fast_conv
 
     with torch.device(device):
         net = BiFlowNet(**network)
     inputs = step_inputs(network, batch, device)
     counter = LiveBytes()
-    native = biflownet._native_cpu_bf16
+    native, widest = biflownet._native_cpu_bf16, fast_conv.MAX_FP32_CHANNELS_LAST_CHANNELS
     biflownet._native_cpu_bf16 = lambda: True  # count bf16 even where this CPU would fall back to fp32
+    fast_conv.MAX_FP32_CHANNELS_LAST_CHANNELS = 0
     try:
         with counter, counter.counting_gradients(net), fused_attention_on_meta():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = net(**inputs)
             (out.float() - inputs["x"]).square().mean().backward()
     finally:
-        biflownet._native_cpu_bf16 = native
+        biflownet._native_cpu_bf16, fast_conv.MAX_FP32_CHANNELS_LAST_CHANNELS = native, widest
     counter.params = parameter_bytes(net)
     return counter
 

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks import bench_memory
 from benchmarks.bench_memory import biflownet_config
+from ddpm import fast_conv
 from ddpm.memory import LiveBytes, count_training_step
 from tests.AutoEncoder.conftest import tiny_config
 
@@ -31,6 +32,7 @@ def test_the_meta_count_equals_the_real_count() -> None:
     cfg = biflownet_config("tiny", 64, False)
     meta, cpu = count_training_step(cfg, 2), count_training_step(cfg, 2, "cpu")
     assert cpu.peak > 0 and abs(meta.peak - cpu.peak) <= 0.1 * cpu.peak  # the footprint gather counts every voxel
+    assert fast_conv.MAX_FP32_CHANNELS_LAST_CHANNELS == 32  # the CPU-only layout route, off while counting, is back
 
 
 def test_figures_grow_with_batch_and_size(capsys: pytest.CaptureFixture) -> None:

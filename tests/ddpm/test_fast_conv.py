@@ -11,9 +11,10 @@ from torch.profiler import ProfilerActivity, profile
 from ddpm import BiFlowNet
 from ddpm import biflownet as biflownet_module
 from ddpm import fast_conv
-from ddpm.fast_conv import (MAX_IM2COL_VOXELS, MIN_CHANNELS_LAST_VOXELS, MIN_ONEDNN_VOXELS, FastConv3d, FastGroupNorm,
-                            FastLinear, output_grid, routes_to_channels_last, routes_to_im2col, routes_to_onednn,
-                            routes_to_padded, takes_slow_path, use_fast_conv3d, use_fast_linear)
+from ddpm.fast_conv import (MAX_FP32_CHANNELS_LAST_CHANNELS, MAX_IM2COL_VOXELS, MIN_CHANNELS_LAST_VOXELS,
+                            MIN_ONEDNN_VOXELS, FastConv3d, FastGroupNorm, FastLinear, output_grid,
+                            routes_to_channels_last, routes_to_im2col, routes_to_onednn, routes_to_padded,
+                            takes_slow_path, use_fast_conv3d, use_fast_linear)
 from tests.ddpm.conftest import randomize, tiny_network
 
 
@@ -394,6 +395,69 @@ def test_which_convolutions_run_channels_last() -> None:
         assert not routes_to_channels_last(torch.zeros(1, 8, 8, 64), 1)  # not 3-D
     with torch.autocast("cpu", dtype=torch.float16):
         assert not routes_to_channels_last(x, 1)
+
+
+def test_which_fp32_convolutions_run_channels_last() -> None:
+    """Outside autocast: fp32 batches of two or more, at most MAX_FP32_CHANNELS_LAST_CHANNELS channels in and out."""
+    assert MAX_FP32_CHANNELS_LAST_CHANNELS == 32
+    x, w = torch.zeros(2, 8, 8, 8, 8), torch.zeros(32, 8, 3, 3, 3)
+    assert routes_to_channels_last(x, 1, w)
+    assert not routes_to_channels_last(x, 1)  # no kernel given: no channel count to judge
+    assert not routes_to_channels_last(x, 1, torch.zeros(33, 8, 3, 3, 3))  # too many output channels
+    assert not routes_to_channels_last(torch.zeros(2, 33, 8, 8, 8), 1, torch.zeros(8, 33, 3, 3, 3))  # input channels
+    assert not routes_to_channels_last(x[:1], 1, w)  # batch 1: PyTorch's reference kernel or our oneDNN path
+    assert not routes_to_channels_last(x.double(), 1, w.double())
+    assert not routes_to_channels_last(torch.zeros(2, 8, 8, 8, 4), 1, w)  # 256 voxels
+    assert not routes_to_channels_last(x, 2, torch.zeros(32, 4, 3, 3, 3))  # grouped
+
+
+@pytest.mark.parametrize("stride,padding,cout", [(1, 1, 8), (2, 1, 8), (1, 0, 32), (1, 1, 40)])
+def test_narrow_fp32_convolutions_run_channels_last_with_exact_values(stride: int, padding: int, cout: int) -> None:
+    """Narrow fp32 convolutions take and leave channels-last tensors (oneDNN's faster kernels for that layout); values
+    and gradients are PyTorch's own to fp32 rounding. A wider one keeps PyTorch's layout."""
+    torch.manual_seed(0)
+    conv = FastConv3d(16, cout, 3, stride=stride, padding=padding)
+    ref = nn.Conv3d(16, cout, 3, stride=stride, padding=padding)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 16, 8, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = conv(x), ref(x_ref)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) == (cout <= 32)
+    assert not y_ref.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(y.shape)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_biflownet_fp32_step_is_the_same_with_narrow_channels_last_convolutions(
+        inputs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole fp32 training step of a narrow BiFlowNet runs with channels-last activations (norms, activations,
+    patching and attention take them) and matches the step without to fp32 rounding."""
+    net = randomize(BiFlowNet(**tiny_network(cross_attention="footprint", back_projection=True)))
+    layouts: list[bool] = []
+    for m in net.modules():
+        if isinstance(m, FastConv3d):
+            m.register_forward_hook(lambda mod, args, out: layouts.append(
+                not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last_3d)))
+    results = []
+    for widest in (MAX_FP32_CHANNELS_LAST_CHANNELS, 0):
+        monkeypatch.setattr(fast_conv, "MAX_FP32_CHANNELS_LAST_CHANNELS", widest)
+        net.zero_grad()
+        layouts.clear()
+        out = net(**inputs)
+        out.square().mean().backward()
+        results.append((out, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.parameters()],
+                        sum(layouts)))
+    (out, grads, channels_last), (out_ref, grads_ref, channels_last_ref) = results
+    # the 8^3 convolutions left channels-last outputs (some do without the route: their inputs come permuted)
+    assert channels_last >= channels_last_ref + 10
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])
