@@ -79,6 +79,20 @@ def stage(name: str, t0: float) -> None:
     print(f"[demo {time.perf_counter() - t0:6.0f} s] {name}", flush=True)
 
 
+def train_stage(run, cfg: DictConfig, out: Path) -> dict:
+    """``run(cfg)`` of a training entry point; a checkpoint in ``out`` that an earlier demo configuration left (the
+    entry point refuses to resume it) becomes one error that says how to start over."""
+    try:
+        return run(cfg)
+    except ValueError as e:
+        if "cannot resume" not in str(e):
+            raise
+        reason = str(e).split("; give this run its own")[0]  # the entry point's advice names its own options
+        raise ValueError(f"{reason}; {out} holds a run of another demo configuration (an earlier version of it?): "
+                         f"start over with `python -m evaluation.demo --fresh --out {out}`, or give this run its own "
+                         "folder (`make demo DEMO_OUT=...`)") from e
+
+
 def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diffusion_steps: int,
              num_samples: int, inference_steps: int, progress: bool = True, guidance=None) -> dict:
     """Run (or resume) every stage; returns the summary that is also written to ``out/summary.json``.
@@ -121,9 +135,9 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
               "+trainer.enable_model_summary=false"]
     ae_last = out / "autoencoder" / "checkpoints" / "last.ckpt"
     ae_before = checkpoint_step(ae_last)
-    ae_run = train_PatchVolume.run(compose("train_PatchVolume", [
+    ae_run = train_stage(train_PatchVolume.run, compose("train_PatchVolume", [
         "experiment=demo_autoencoder", f"paths.output_dir={out / 'autoencoder'}", f"trainer.max_steps={ae_steps}",
-        *common]))
+        *common]), out)
     ae_ckpt = Path(ae_run["last_checkpoint"])
     if checkpoint_step(ae_ckpt) != ae_before:  # a changed autoencoder makes its latents and denoiser stale
         drop_latents(manifest)
@@ -139,11 +153,11 @@ def run_demo(out: Path, subjects: int, size: int, seed: int, ae_steps: int, diff
     t = time.perf_counter()
     channels, factor = latent_layout(ae_ckpt)
     lat = info.shape[0] // factor
-    bf_run = train_BiFlowNet.run(compose("train_BiFlowNet", [
+    bf_run = train_stage(train_BiFlowNet.run, compose("train_BiFlowNet", [
         "experiment=demo_biflownet", f"paths.output_dir={out / 'biflownet'}",
         f"trainer.max_steps={diffusion_steps}", f"network.latent_shape=[{lat},{lat},{lat}]",
         f"network.in_channels={channels}",
-        f"network.xray.image_size=[{size},{size}]", *common]))
+        f"network.xray.image_size=[{size},{size}]", *common]), out)
     bf_ckpt = Path(bf_run["checkpoint_dir"]) / "last.ckpt"
     times["biflownet_s"] = time.perf_counter() - t
 

@@ -74,3 +74,25 @@ def _csv_rows(path: Path) -> list[dict]:
     import pandas as pd
 
     return pd.read_csv(path).to_dict("records")
+
+
+def test_a_stale_demo_run_is_one_error_that_says_how_to_start_over(tmp_path: Path) -> None:
+    """A checkpoint an earlier demo configuration left is refused with the demo's own advice (not the entry point's
+    run_name / ckpt_path options, which `python -m evaluation.demo` does not take); other errors pass unchanged."""
+    def stale(cfg):
+        raise ValueError("x.ckpt: cannot resume: its autoencoder differs from this run's (upsample: None there, "
+                         "'transposed' here); give this run its own run_name=... (now demo_stage1), or start fresh "
+                         "with ckpt_path=null")
+
+    with pytest.raises(ValueError) as err:
+        demo.train_stage(stale, None, tmp_path)
+    msg = str(err.value)
+    assert msg.startswith("x.ckpt: cannot resume: its autoencoder differs") and "run_name" not in msg
+    assert f"python -m evaluation.demo --fresh --out {tmp_path}" in msg and "DEMO_OUT" in msg
+
+    def broken(cfg):
+        raise ValueError("something else")
+
+    with pytest.raises(ValueError, match="^something else$"):
+        demo.train_stage(broken, None, tmp_path)
+    assert demo.train_stage(lambda cfg: {"ok": cfg}, 3, tmp_path) == {"ok": 3}
