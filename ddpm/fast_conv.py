@@ -54,7 +54,7 @@ take the same channels-last route outside autocast: there oneDNN's blocked-layou
 the activations than on the products. Without AVX-512 the blocked backward also has no direct 3D weight-gradient
 kernel and falls back to im2col + GEMM (2 threads, 2-core AMD EPYC, 16 -> 16 channels at 16^3, batch 4, forward +
 backward: 6.6 -> 5.0 ms with the ISA capped at AVX2, 4.1 -> 1.7 ms with AVX-512; the ``tiny`` preset's demo training
-step 0.88-0.95x with AVX2, unchanged with AVX-512). Wider convolutions stay in the contiguous layout, where fp32
+step 0.87-0.96x with AVX2, unchanged with AVX-512). Wider convolutions stay in the contiguous layout, where fp32
 channels-last measured slower (base preset at 16^3: 1.08x).
 
 PyTorch sends fp32 CPU matrix products to MKL's GEMM, and bf16 ones to oneDNN. On x86 the fp32 products
