@@ -82,13 +82,12 @@ def stage(name: str, t0: float) -> None:
 def train_stage(run, cfg: DictConfig, out: Path) -> dict:
     """``run(cfg)`` of a training entry point; a checkpoint in ``out`` that an earlier demo configuration left (the
     entry point refuses to resume it) becomes one error that says how to start over."""
+    from train.common import ResumeMismatch
+
     try:
         return run(cfg)
-    except ValueError as e:
-        if "cannot resume" not in str(e):
-            raise
-        reason = str(e).split("; give this run its own")[0]  # the entry point's advice names its own options
-        raise ValueError(f"{reason}; {out} holds a run of another demo configuration (an earlier version of it?): "
+    except ResumeMismatch as e:  # its own advice names the entry point's options, which the demo does not take
+        raise ValueError(f"{e.reason}; {out} holds a run of another demo configuration (an earlier version of it?): "
                          f"start over with `python -m evaluation.demo --fresh --out {out}`, or give this run its own "
                          "folder (`make demo DEMO_OUT=...`)") from e
 

@@ -117,6 +117,15 @@ def data_identity(manifest: str | os.PathLike, extra: dict | None = None) -> dic
     }
 
 
+class ResumeMismatch(ValueError):
+    """A checkpoint that belongs to another run (:func:`check_resume`): ``reason`` says why, the message adds the
+    entry point's advice (callers with other options, such as the demo, give their own)."""
+
+    def __init__(self, reason: str, advice: str) -> None:
+        super().__init__(f"{reason}; {advice}")
+        self.reason = reason
+
+
 def check_resume(ckpt_path: str, kind: str, identity: dict, expected: dict[str, Any], run_hint: str) -> None:
     """Refuse to resume from a checkpoint of another dataset, network or stage (one line, exit code 2).
 
@@ -130,7 +139,7 @@ def check_resume(ckpt_path: str, kind: str, identity: dict, expected: dict[str, 
 
     Raises:
         CheckpointError: the file is not a checkpoint of ``kind``.
-        ValueError: the checkpoint belongs to another run.
+        ResumeMismatch: the checkpoint belongs to another run (a ``ValueError``).
     """
     ckpt = read_checkpoint(ckpt_path, kind, mmap=True)
     hp = ckpt["hyper_parameters"]
@@ -141,10 +150,10 @@ def check_resume(ckpt_path: str, kind: str, identity: dict, expected: dict[str, 
             diff = sorted(k for k in set(old) | set(value) if k not in RUNTIME_KEYS and old.get(k) != value.get(k))
             if diff:
                 shown = "; ".join(f"{k}: {old.get(k)!r} there, {value.get(k)!r} here" for k in diff[:3])
-                raise ValueError(f"{ckpt_path}: cannot resume: its {key} differs from this run's ({shown}); {advice}")
+                raise ResumeMismatch(f"{ckpt_path}: cannot resume: its {key} differs from this run's ({shown})", advice)
         elif old != value:
-            raise ValueError(f"{ckpt_path}: cannot resume: it was trained with {key}={old!r}, this run has "
-                             f"{key}={value!r}; {advice}")
+            raise ResumeMismatch(f"{ckpt_path}: cannot resume: it was trained with {key}={old!r}, this run has "
+                                 f"{key}={value!r}", advice)
     old_id = ckpt.get(RunState.KEY, {}).get("identity")
     if not old_id:
         return  # an older checkpoint that recorded no data identity
@@ -152,10 +161,10 @@ def check_resume(ckpt_path: str, kind: str, identity: dict, expected: dict[str, 
         if old_id.get(key) != identity.get(key):
             what = {"train_hash": "training subjects", "dataset_json_hash": "dataset.json",
                     "latent_autoencoder": "latents (another autoencoder)"}[key]
-            raise ValueError(
+            raise ResumeMismatch(
                 f"{ckpt_path}: cannot resume: it was trained on {old_id.get('manifest')} "
                 f"({old_id.get('train_subjects')} training subjects), this run reads {identity.get('manifest')} "
-                f"({identity.get('train_subjects')}), and the {what} differ; {advice}")
+                f"({identity.get('train_subjects')}), and the {what} differ", advice)
 
 
 # settings that change how a network runs (memory, speed), not what it computes: they may change on resume

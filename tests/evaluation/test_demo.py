@@ -79,10 +79,12 @@ def _csv_rows(path: Path) -> list[dict]:
 def test_a_stale_demo_run_is_one_error_that_says_how_to_start_over(tmp_path: Path) -> None:
     """A checkpoint an earlier demo configuration left is refused with the demo's own advice (not the entry point's
     run_name / ckpt_path options, which `python -m evaluation.demo` does not take); other errors pass unchanged."""
+    from train.common import ResumeMismatch
+
     def stale(cfg):
-        raise ValueError("x.ckpt: cannot resume: its autoencoder differs from this run's (upsample: None there, "
-                         "'transposed' here); give this run its own run_name=... (now demo_stage1), or start fresh "
-                         "with ckpt_path=null")
+        raise ResumeMismatch("x.ckpt: cannot resume: its autoencoder differs from this run's (upsample: None there, "
+                             "'transposed' here)", "give this run its own run_name=... (now demo_stage1), or start "
+                             "fresh with ckpt_path=null")
 
     with pytest.raises(ValueError) as err:
         demo.train_stage(stale, None, tmp_path)
@@ -91,8 +93,8 @@ def test_a_stale_demo_run_is_one_error_that_says_how_to_start_over(tmp_path: Pat
     assert f"python -m evaluation.demo --fresh --out {tmp_path}" in msg and "DEMO_OUT" in msg
 
     def broken(cfg):
-        raise ValueError("something else")
+        raise ValueError("something else, cannot resume")
 
-    with pytest.raises(ValueError, match="^something else$"):
+    with pytest.raises(ValueError, match="^something else, cannot resume$"):
         demo.train_stage(broken, None, tmp_path)
     assert demo.train_stage(lambda cfg: {"ok": cfg}, 3, tmp_path) == {"ok": 3}
