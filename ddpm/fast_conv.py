@@ -333,8 +333,8 @@ class FastConv3d(nn.Conv3d):
                     return _Im2colConv3d.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                                tuple(self.stride), tuple(self.padding))
             return _Im2colConv3d.apply(x, weight, bias, tuple(self.stride), tuple(self.padding))
-        if routes_to_channels_last(x, self.groups, weight):  # cast first, so that the layout copy moves bf16
-            if torch.is_autocast_enabled("cpu"):
+        if routes_to_channels_last(x, self.groups, weight):
+            if torch.is_autocast_enabled("cpu"):  # cast first, so that the layout copy moves bf16
                 x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
             return super()._conv_forward(x.contiguous(memory_format=torch.channels_last_3d), weight, bias)
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and not torch.is_autocast_enabled("cpu"):
