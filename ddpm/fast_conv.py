@@ -57,6 +57,17 @@ backward: 6.6 -> 5.0 ms with the ISA capped at AVX2, 4.1 -> 1.7 ms with AVX-512;
 step 0.87-0.96x with AVX2, unchanged with AVX-512). Wider convolutions stay in the contiguous layout, where fp32
 channels-last measured slower (base preset at 16^3: 1.08x).
 
+Without AVX-512 (ATen capability AVX2), oneDNN computes every fp32 conv3d weight gradient with im2col + GEMM, at
+about half the speed of its forward kernels. There a training convolution with stride 1 and a kernel of 2+ takes its
+weight gradient as one forward convolution instead: the zero-padded input, batch and channel axes swapped, convolved
+with the output gradient as the kernel (:class:`_SwappedWeightGradConv3d`; the input gradient stays oneDNN's). Which
+wins depends on the shape and on the layout copies the swap needs, so it is timed once per shape and layout
+(:func:`routes_to_swapped_weight_grad`). Measured with the ISA capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2
+ATEN_CPU_CAPABILITY=avx2``, 2 threads, 2-core AMD EPYC), weight gradient alone: 16 -> 16 channels at 32^3, batch 2,
+12.4 -> 6.0 ms contiguous (8.8 -> about 7.8 ms channels-last, a tie the timing leaves to oneDNN); 32 -> 16 at 16^3,
+batch 4, 6.0 -> 2.8 ms; the ``tiny`` preset's demo training step 0.93x. With AVX-512 oneDNN has a direct kernel,
+3x faster than the swap, and the route is never taken.
+
 PyTorch sends fp32 CPU matrix products to MKL's GEMM, and bf16 ones to oneDNN. On x86 the fp32 products
 of the 2^3 path and of :class:`FastLinear` (every ``nn.Linear`` of BiFlowNet) run on oneDNN's inner product
 where they are large enough to pay (``MIN_ONEDNN_PRODUCT``): measured 2-4x faster for the few-row products
@@ -168,6 +179,98 @@ class _OneDnnConv3d(torch.autograd.Function):
             grad_w = grad_w.permute(0, 4, 1, 2, 3)  # (C_out, C_in, kd, kh, kw) with channels_last_3d strides
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3, 4))
+        return grad_x, grad_w, grad_b, None
+
+
+@functools.cache
+def cpu_capability() -> str:
+    """ATen's vector instruction set on this CPU ("AVX2", "AVX512", ...; ``ATEN_CPU_CAPABILITY`` can lower it)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+# the swapped weight gradient must beat oneDNN's by this factor before it is taken (near a tie, PyTorch's own is kept)
+SWAPPED_WEIGHT_GRAD_MARGIN = 0.85
+
+
+def routes_to_swapped_weight_grad(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether :class:`FastConv3d` computes this fp32 CPU convolution's weight gradient as a forward convolution of
+    the input with the output gradient, batch and channel axes swapped (:class:`_SwappedWeightGradConv3d`): on CPUs
+    whose ATen capability is AVX2 (no AVX-512, where oneDNN falls back to im2col + GEMM for it), for ungrouped,
+    undilated, stride-1 convolutions with kernels of 2+ in every axis on grids of ``MIN_ONEDNN_VOXELS`` or more that
+    train the weight, where that was timed faster for the shape and layout (:func:`_swapped_weight_grad_faster`)."""
+    kernel = tuple(weight.shape[2:])
+    if not (x.device.type == "cpu" and x.dim() == 5 and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and torch.is_grad_enabled() and weight.requires_grad and not torch.is_autocast_enabled("cpu")
+            and groups == 1 and all(s == 1 for s in stride) and all(d == 1 for d in dilation)
+            and min(kernel) > 1 and all(0 <= p < k for p, k in zip(padding, kernel))
+            and x.shape[2] * x.shape[3] * x.shape[4] >= MIN_ONEDNN_VOXELS):
+        return False
+    if cpu_capability() != "AVX2":
+        return False
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return _swapped_weight_grad_faster(tuple(x.shape), tuple(weight.shape), tuple(padding), channels_last)
+
+
+def _swapped_weight_grad(x: torch.Tensor, grad: torch.Tensor, padding) -> torch.Tensor:
+    """Weight gradient ``(C_out, C_in, kd, kh, kw)`` of a stride-1 conv3d: the zero-padded input ``(C_in, N, ...)``
+    convolved with the output gradient ``(C_out, N, ...)`` as the kernel, i.e. batch and channels swapped."""
+    p = padding
+    xp = F.pad(x, (p[2], p[2], p[1], p[1], p[0], p[0])).transpose(0, 1).contiguous()
+    return F.conv3d(xp, grad.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+
+
+@functools.cache
+def _swapped_weight_grad_faster(x_shape: tuple, w_shape: tuple, padding: tuple, channels_last: bool) -> bool:
+    """Both weight gradients of :func:`routes_to_swapped_weight_grad` timed (best of 5, interleaved, after a warm-up)
+    on seeded data that leaves the global random stream alone; the swapped one must win by
+    ``SWAPPED_WEIGHT_GRAD_MARGIN``."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*x_shape, generator=g), torch.randn(*w_shape, generator=g)
+    grid = output_grid(x, w, (1, 1, 1), padding, (1, 1, 1))
+    grad = torch.randn(x_shape[0], w_shape[0], *grid, generator=g)
+    if channels_last:
+        x, grad = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, grad))
+
+    def onednn() -> None:
+        torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1, 1], list(padding), [1, 1, 1], False, [0, 0, 0],
+                                            1, [False, True, False])
+
+    def swapped() -> None:
+        _swapped_weight_grad(x, grad, padding)
+
+    best = {onednn: float("inf"), swapped: float("inf")}
+    with _disable_current_modes(), torch.no_grad():  # outside any FLOP counter's or profiler's dispatch mode
+        for run in best:  # warm-up
+            run()
+        for _ in range(5):
+            for run in best:
+                t0 = time.perf_counter()
+                run()
+                best[run] = min(best[run], time.perf_counter() - t0)
+    return best[swapped] < SWAPPED_WEIGHT_GRAD_MARGIN * best[onednn]
+
+
+class _SwappedWeightGradConv3d(torch.autograd.Function):
+    """Zero-padded, ungrouped, undilated, stride-1 conv3d whose weight gradient is :func:`_swapped_weight_grad`; the
+    forward pass and the input and bias gradients are PyTorch's own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int, int]):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return F.conv3d(x, weight, bias, 1, padding)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # the input gradient alone (asking oneDNN for the bias too runs its weight pass)
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1, 1], list(ctx.padding), [1, 1, 1],
+                                                         False, [0, 0, 0], 1, [True, False, False])[0]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(0, 2, 3, 4))
+        if ctx.needs_input_grad[1]:
+            grad_w = _swapped_weight_grad(x, grad, ctx.padding)
         return grad_x, grad_w, grad_b, None
 
 
@@ -336,7 +439,10 @@ class FastConv3d(nn.Conv3d):
         if routes_to_channels_last(x, self.groups, weight):
             if torch.is_autocast_enabled("cpu"):  # cast first, so that the layout copy moves bf16
                 x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-            return super()._conv_forward(x.contiguous(memory_format=torch.channels_last_3d), weight, bias)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            if self._swaps_weight_grad(x, weight):
+                return _SwappedWeightGradConv3d.apply(x, weight, bias, tuple(self.padding))
+            return super()._conv_forward(x, weight, bias)
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and not torch.is_autocast_enabled("cpu"):
             if routes_to_padded(x, weight, self.padding, self.dilation, self.groups):
                 p = self.padding
@@ -344,7 +450,13 @@ class FastConv3d(nn.Conv3d):
                                 self.dilation, self.groups)
             if routes_to_onednn(x, weight, self.stride, self.padding, self.dilation, self.groups):
                 return _OneDnnConv3d.apply(x, weight, bias, tuple(self.padding))
+        if self._swaps_weight_grad(x, weight):
+            return _SwappedWeightGradConv3d.apply(x, weight, bias, tuple(self.padding))
         return super()._conv_forward(x, weight, bias)
+
+    def _swaps_weight_grad(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and routes_to_swapped_weight_grad(x, weight, self.stride, self.padding, self.dilation, self.groups))
 
 
 def routes_linear_to_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -422,7 +534,7 @@ def use_fast_conv3d(module: nn.Module) -> nn.Module:
 
 
 __all__ = ["BF16_PRODUCTS_MARGIN", "MAX_FP32_CHANNELS_LAST_CHANNELS", "MAX_IM2COL_VOXELS",
-           "MIN_CHANNELS_LAST_VOXELS", "MIN_ONEDNN_PRODUCT", "MIN_ONEDNN_VOXELS", "FastConv3d", "FastGroupNorm",
-           "FastLinear", "bf16_products_pay", "native_bf16_products", "output_grid", "routes_linear_to_onednn",
-           "routes_to_channels_last", "routes_to_im2col", "routes_to_onednn", "routes_to_padded", "takes_slow_path",
-           "use_fast_conv3d", "use_fast_linear"]
+           "MIN_CHANNELS_LAST_VOXELS", "MIN_ONEDNN_PRODUCT", "MIN_ONEDNN_VOXELS", "SWAPPED_WEIGHT_GRAD_MARGIN",
+           "FastConv3d", "FastGroupNorm", "FastLinear", "bf16_products_pay", "cpu_capability", "native_bf16_products",
+           "output_grid", "routes_linear_to_onednn", "routes_to_channels_last", "routes_to_im2col", "routes_to_onednn",
+           "routes_to_padded", "routes_to_swapped_weight_grad", "takes_slow_path", "use_fast_conv3d", "use_fast_linear"]

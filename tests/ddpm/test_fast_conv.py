@@ -12,9 +12,10 @@ from ddpm import BiFlowNet
 from ddpm import biflownet as biflownet_module
 from ddpm import fast_conv
 from ddpm.fast_conv import (MAX_FP32_CHANNELS_LAST_CHANNELS, MAX_IM2COL_VOXELS, MIN_CHANNELS_LAST_VOXELS,
-                            MIN_ONEDNN_VOXELS, FastConv3d, FastGroupNorm, FastLinear, output_grid,
-                            routes_to_channels_last, routes_to_im2col, routes_to_onednn, routes_to_padded,
-                            takes_slow_path, use_fast_conv3d, use_fast_linear)
+                            MIN_ONEDNN_VOXELS, FastConv3d, FastGroupNorm, FastLinear,
+                            output_grid, routes_to_channels_last, routes_to_im2col, routes_to_onednn,
+                            routes_to_padded, routes_to_swapped_weight_grad, takes_slow_path, use_fast_conv3d,
+                            use_fast_linear)
 from tests.ddpm.conftest import randomize, tiny_network
 
 
@@ -474,7 +475,9 @@ def test_cpu_bf16_convolutions_run_channels_last_with_the_same_values(stride: in
         x_ref = x.detach().clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, y_ref = conv(x), ref(x_ref)
-        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
+        assert y.dtype == torch.bfloat16
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # without AVX-512 oneDNN has no bf16 kernel to keep it
+            assert y.is_contiguous(memory_format=torch.channels_last_3d)
         assert not y_ref.is_contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.02, atol=0.02)
         grad = torch.randn(y.shape)
@@ -535,3 +538,116 @@ def test_group_norm_of_channels_last_inputs_keeps_the_layout_and_pytorchs_values
     flat = torch.randn(2, 12, 4, 5, 6)
     assert fast(flat).is_contiguous() and torch.equal(fast(flat), ref(flat))
     assert torch.equal(fast(flat[..., :1, :1, :1].contiguous()), ref(flat[..., :1, :1, :1].contiguous()))
+
+
+def _swap_everywhere(monkeypatch: pytest.MonkeyPatch, capability: str = "AVX2", faster: bool = True) -> None:
+    """The swapped weight gradient's route as on an AVX2 CPU where it was timed ``faster``."""
+    monkeypatch.setattr(fast_conv, "cpu_capability", lambda: capability)
+    monkeypatch.setattr(fast_conv, "_swapped_weight_grad_faster", lambda *key: faster)
+
+
+@pytest.mark.parametrize("batch,cin,cout,kernel,padding,bias,channels_last", [
+    (2, 8, 12, 3, 1, True, False), (3, 5, 7, 3, 0, False, True), (2, 6, 5, 2, 1, True, False),
+    (2, 4, 4, (3, 2, 3), (2, 1, 0), True, True), (2, 16, 16, 3, 1, True, True), (1, 3, 5, 3, 1, False, False),
+    (2, 40, 6, 3, 1, True, False),  # wider than the fp32 channels-last route: PyTorch's layout
+])
+def test_swapped_weight_gradient_matches_conv3d_in_float64(batch: int, cin: int, cout: int, kernel,
+                                                           padding, bias: bool, channels_last: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the route is taken, values and all three gradients equal a float64 ``nn.Conv3d``'s, in either layout,
+    with or without bias, for any kernel of 2+ and padding below it; the weight gradient is the swapped convolution."""
+    _swap_everywhere(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    conv = FastConv3d(cin, cout, kernel, padding=padding, bias=bias)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = nn.Conv3d(cin, cout, kernel, padding=padding, bias=bias).double()
+    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    x = torch.randn(batch, cin, 9, 8, 10, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x64 = x.detach().double().requires_grad_()
+    x = x.requires_grad_()
+    y = conv(x)
+    # small batch-1 convolutions keep their own oneDNN path (routes_to_onednn)
+    onednn = routes_to_onednn(x, conv.weight, conv.stride, conv.padding, conv.dilation, 1)
+    assert type(y.grad_fn).__name__ == ("_OneDnnConv3dBackward" if onednn else "_SwappedWeightGradConv3dBackward")
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    _assert_matches_float64(conv, ref, x, x64, y, grad, weight_tol=1e-4)
+
+
+def test_swapped_weight_gradient_leaves_frozen_inputs_and_weights_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the gradients autograd asks for are computed: an input that needs none gets none (the first layer)."""
+    _swap_everywhere(monkeypatch)
+    conv = FastConv3d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8, 8)
+    y = conv(x)
+    assert type(y.grad_fn).__name__ == "_SwappedWeightGradConv3dBackward"
+    y.sum().backward()
+    assert x.grad is None and conv.weight.grad is not None and conv.bias.grad is not None
+    torch.testing.assert_close(conv.bias.grad, torch.full((4,), 2 * 8.0 ** 3))
+
+
+def test_which_convolutions_take_the_swapped_weight_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 CPU training convolutions with stride 1, no groups or dilation and kernels of 2+, on an AVX2 CPU (not one
+    with AVX-512) where the swap was timed faster; never without gradients, under autocast or for 1x1x1 kernels."""
+    x, w = torch.randn(2, 4, 8, 8, 8), torch.randn(4, 4, 3, 3, 3, requires_grad=True)
+    one = (1, 1, 1)
+
+    def route(x=x, w=w, stride=one, padding=one, dilation=one, groups=1) -> bool:
+        return routes_to_swapped_weight_grad(x, w, stride, padding, dilation, groups)
+
+    _swap_everywhere(monkeypatch)
+    assert route()
+    assert route(x=x.contiguous(memory_format=torch.channels_last_3d))
+    assert not route(stride=(2, 2, 2))
+    assert not route(dilation=(2, 2, 2))
+    assert not route(w=torch.randn(4, 2, 3, 3, 3, requires_grad=True), groups=2)
+    assert not route(w=torch.randn(4, 4, 1, 1, 1, requires_grad=True), padding=(0, 0, 0))
+    assert not route(padding=(3, 1, 1))
+    assert not route(x=x[:, :, :7])  # fewer than MIN_ONEDNN_VOXELS voxels
+    assert not route(w=w.detach())  # a frozen weight has no gradient to compute
+    assert not route(x=x.double(), w=w.detach().double().requires_grad_())
+    with torch.no_grad():
+        assert not route()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not route()
+    _swap_everywhere(monkeypatch, capability="AVX512")
+    assert not route()
+    _swap_everywhere(monkeypatch, faster=False)
+    assert not route()
+
+
+def test_swapped_weight_gradient_is_timed_once_per_shape_and_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The swap is a measurement: taken only where it beat oneDNN's weight gradient by the margin, timed once per shape
+    and layout, outside any FLOP counter, without touching the global random stream."""
+    import time
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    real = fast_conv._swapped_weight_grad
+
+    def slowed(seconds: float):
+        def swapped(x, grad, padding):
+            time.sleep(seconds)
+            return real(x, grad, padding)
+        return swapped
+
+    fast_conv._swapped_weight_grad_faster.cache_clear()
+    try:
+        key = ((2, 3, 6, 6, 6), (4, 3, 3, 3, 3), (1, 1, 1))
+        monkeypatch.setattr(fast_conv, "_swapped_weight_grad", slowed(0.02))  # far slower than oneDNN's
+        state = torch.get_rng_state()
+        with FlopCounterMode(display=False) as counter:
+            assert fast_conv._swapped_weight_grad_faster(*key, False) is False
+        assert counter.get_total_flops() == 0
+        assert torch.equal(torch.get_rng_state(), state)
+        monkeypatch.setattr(fast_conv, "_swapped_weight_grad", real)
+        monkeypatch.setattr(fast_conv, "SWAPPED_WEIGHT_GRAD_MARGIN", 1e6)  # any time wins now, but it is cached
+        assert fast_conv._swapped_weight_grad_faster(*key, False) is False
+        assert fast_conv._swapped_weight_grad_faster(*key, True) is True  # the other layout is timed on its own
+        assert fast_conv._swapped_weight_grad_faster.cache_info().currsize == 2
+    finally:
+        fast_conv._swapped_weight_grad_faster.cache_clear()
