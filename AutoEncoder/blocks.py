@@ -190,12 +190,12 @@ class Downsample3d(nn.Module):
 class Upsample3d(nn.Module):
     """Double every spatial size: nearest-neighbour upsampling followed by a 3x3x3 convolution."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv3d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv3d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, D, H, W) -> (B, C, 2D, 2H, 2W)``."""
+        """``(B, C, D, H, W) -> (B, C_out, 2D, 2H, 2W)``."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
     def forward_slabs(self, x: torch.Tensor, planes: int) -> torch.Tensor:
@@ -217,12 +217,12 @@ class TransposedUpsample3d(nn.Module):
     channel pair), since it works from the coarse grid.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.ConvTranspose3d(channels, channels, 4, stride=2, padding=1)
+        self.conv = nn.ConvTranspose3d(channels, out_channels or channels, 4, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, D, H, W) -> (B, C, 2D, 2H, 2W)``."""
+        """``(B, C, D, H, W) -> (B, C_out, 2D, 2H, 2W)``."""
         return self.conv(x)
 
     def forward_slabs(self, x: torch.Tensor, planes: int) -> torch.Tensor:

@@ -21,6 +21,9 @@ from AutoEncoder.blocks import (
 )
 
 
+UPSAMPLE_CHANNELS = ("same", "next")
+
+
 class Decoder(nn.Module):
     """Maps a latent volume back to image space, ``2 ** (len(channels) - 1)`` times larger per axis.
 
@@ -33,6 +36,9 @@ class Decoder(nn.Module):
         num_groups: upper bound on GroupNorm groups.
         upsample: ``"nearest"`` (nearest-neighbour doubling + 3x3x3 convolution, :class:`Upsample3d`) or
             ``"transposed"`` (4x4x4 stride-2 transposed convolution, :class:`TransposedUpsample3d`).
+        upsample_channels: ``"same"``: each up-sampling keeps its level's channels and the next level's first
+            residual block changes them; ``"next"``: the up-sampling already outputs the next (finer) level's
+            channels, so that no full-resolution convolution runs at the coarser level's width.
     """
 
     def __init__(
@@ -44,10 +50,13 @@ class Decoder(nn.Module):
         attention_heads: int = 1,
         num_groups: int = 32,
         upsample: str = "nearest",
+        upsample_channels: str = "same",
     ):
         super().__init__()
         if upsample not in UPSAMPLERS:
             raise ValueError(f"upsample={upsample!r}; expected one of {sorted(UPSAMPLERS)}")
+        if upsample_channels not in UPSAMPLE_CHANNELS:
+            raise ValueError(f"upsample_channels={upsample_channels!r}; expected one of {UPSAMPLE_CHANNELS}")
         rev = list(channels)[::-1]
         prev = rev[0]
         self.conv_in = nn.Conv3d(latent_channels, prev, 3, padding=1)
@@ -63,7 +72,9 @@ class Decoder(nn.Module):
                 blocks.append(ResBlock3d(prev, ch, num_groups))
                 prev = ch
             if i < len(rev) - 1:
-                blocks.append(UPSAMPLERS[upsample](prev))
+                out = rev[i + 1] if upsample_channels == "next" else prev
+                blocks.append(UPSAMPLERS[upsample](prev, out))
+                prev = out
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.ModuleList(levels)
         self.norm_out = group_norm(prev, num_groups)

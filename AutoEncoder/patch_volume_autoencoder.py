@@ -58,6 +58,8 @@ class PatchVolumeAutoencoder(nn.Module):
         decoder_res_blocks: residual blocks per decoder level; None: ``num_res_blocks + 1`` (one more, as is usual).
         upsample: decoder up-sampling, ``"nearest"`` (nearest + 3x3x3 convolution) or ``"transposed"`` (4x4x4
             stride-2 transposed convolution, about a third of the arithmetic).
+        upsample_channels: ``"same"`` (each decoder up-sampling keeps its level's channels) or ``"next"`` (it
+            outputs the finer level's channels: no full-resolution convolution at the coarser width).
         attention_heads: bottleneck attention heads (0 disables attention).
         num_groups: GroupNorm group bound.
         downsample: optional check: the expected factor (int or three equal ints, e.g. ``[8, 8, 8]``).
@@ -98,6 +100,7 @@ class PatchVolumeAutoencoder(nn.Module):
         bottleneck: str | None = None,
         decoder_res_blocks: int | None = None,
         upsample: str = "nearest",
+        upsample_channels: str = "same",
     ):
         super().__init__()
         bottleneck = bottleneck if bottleneck is not None else ("vq" if n_codes > 0 else "none")
@@ -134,7 +137,7 @@ class PatchVolumeAutoencoder(nn.Module):
             "decode_overlap": decode_overlap, "decode_halo": decode_halo, "decode_mode": decode_mode,
             "decode_slab": decode_slab,
             "codebook": dict(codebook or {}), "bottleneck": bottleneck,
-            "decoder_res_blocks": decoder_res_blocks, "upsample": upsample,
+            "decoder_res_blocks": decoder_res_blocks, "upsample": upsample, "upsample_channels": upsample_channels,
         }
         self._factor = factor
         self.patch_size = patch_size
@@ -147,7 +150,7 @@ class PatchVolumeAutoencoder(nn.Module):
         moments = 2 * embedding_dim if bottleneck == "kl" else embedding_dim  # KL: mean and log-variance
         self.encoder = Encoder(in_channels, channels, moments, num_res_blocks, attention_heads, num_groups)
         self.decoder = Decoder(in_channels, channels, embedding_dim, decoder_res_blocks, attention_heads, num_groups,
-                               upsample)
+                               upsample, upsample_channels)
         self.quantizer = VectorQuantizer(n_codes, embedding_dim, **(codebook or {})) if bottleneck == "vq" else None
         self.gaussian = GaussianBottleneck(embedding_dim) if bottleneck == "kl" else None
         self.encoder_frozen = False
