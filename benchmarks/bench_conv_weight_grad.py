@@ -1,0 +1,84 @@
+"""conv3d weight gradient on this CPU: oneDNN's own against the batch/channel-swapped forward convolution.
+
+The choice :func:`ddpm.fast_conv.routes_to_swapped_weight_grad` makes per shape. Prints one JSON object: for each shape
+(the demo networks' training convolutions by default), milliseconds of both ways (best of ``--repeats``, interleaved,
+pad and layout copies included), their ratio, and whether the route takes the swap here. Without AVX-512 the swap
+wins; to see that on an AVX-512 machine, cap both libraries' instruction set:
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python -m benchmarks.bench_conv_weight_grad``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import torch
+
+from benchmarks.common import environment
+from dataset.cli import OneLineParser, number, reuse_freed_memory, run_cli
+from ddpm import fast_conv
+
+# (batch, in channels, out channels, grid edge, channels-last): the demo autoencoder's (2 x 32^3 patches, NDHWC) and
+# the demo BiFlowNet's (4 x 16^3 latents) convolutions, plus their contiguous-layout twins
+SHAPES = [(2, 16, 16, 32, False), (2, 32, 16, 32, False), (2, 16, 16, 32, True), (4, 16, 16, 16, True),
+          (4, 32, 16, 16, True), (4, 32, 16, 16, False), (4, 32, 32, 8, True)]
+
+
+def time_both(batch: int, cin: int, cout: int, edge: int, channels_last: bool, repeats: int) -> dict:
+    """Best-of-``repeats`` milliseconds of both weight gradients of a 3^3, padding-1 convolution of that shape."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cin, edge, edge, edge, generator=g)
+    w = torch.randn(cout, cin, 3, 3, 3, generator=g)
+    grad = torch.randn(batch, cout, edge, edge, edge, generator=g)
+    if channels_last:
+        x, grad = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, grad))
+    ways = {
+        "onednn_ms": lambda: torch.ops.aten.convolution_backward(grad, x, w, None, [1] * 3, [1] * 3, [1] * 3, False,
+                                                                 [0] * 3, 1, [False, True, False]),
+        "swapped_ms": lambda: fast_conv._swapped_weight_grad(x, grad, (1, 1, 1)),
+    }
+    best = dict.fromkeys(ways, float("inf"))
+    with torch.no_grad():
+        for run in ways.values():  # warm-up
+            run()
+        for _ in range(repeats):
+            for name, run in ways.items():
+                t0 = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    w.requires_grad_(True)
+    with torch.enable_grad():
+        taken = fast_conv.routes_to_swapped_weight_grad(x, w, (1, 1, 1), (1, 1, 1), (1, 1, 1), 1)
+    out = {k: round(v * 1e3, 3) for k, v in best.items()}
+    return {"shape": f"{batch}x{cin}->{cout}x{edge}^3" + (" channels-last" if channels_last else ""), **out,
+            "ratio": round(out["swapped_ms"] / out["onednn_ms"], 3), "route_takes_swap": taken}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = OneLineParser(prog="python -m benchmarks.bench_conv_weight_grad", description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=number(int, min=1), default=10)
+    p.add_argument("--threads", type=number(int, min=1), default=None, help="torch threads (default: as is)")
+    p.add_argument("--shapes", type=int, nargs=5, action="append", metavar=("B", "CIN", "COUT", "EDGE", "CL"),
+                   help="a shape to time instead of the defaults (CL: 1 channels-last, 0 contiguous); repeatable")
+    args = p.parse_args(argv)
+
+    def work() -> int:
+        reuse_freed_memory()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for s in args.shapes or []:
+            if min(s[:4]) < 1 or s[4] not in (0, 1):
+                raise ValueError(f"--shapes {' '.join(map(str, s))}: expected batch, channels and edge >= 1 and a "
+                                 "layout of 0 (contiguous) or 1 (channels-last)")
+        shapes = [tuple(s[:4]) + (bool(s[4]),) for s in args.shapes] if args.shapes else SHAPES
+        result = {**environment(torch.device("cpu")), "cpu_capability": fast_conv.cpu_capability(),
+                  "shapes": [time_both(*s, repeats=args.repeats) for s in shapes]}
+        print(json.dumps(result))
+        return 0
+
+    return run_cli(p.prog, work)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
