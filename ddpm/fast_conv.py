@@ -192,7 +192,8 @@ def cpu_capability() -> str:
 SWAPPED_WEIGHT_GRAD_MARGIN = 0.85
 
 
-def routes_to_swapped_weight_grad(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+def routes_to_swapped_weight_grad(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
+                                  groups: int) -> bool:
     """Whether :class:`FastConv3d` computes this fp32 CPU convolution's weight gradient as a forward convolution of
     the input with the output gradient, batch and channel axes swapped (:class:`_SwappedWeightGradConv3d`): on CPUs
     whose ATen capability is AVX2 (no AVX-512, where oneDNN falls back to im2col + GEMM for it), for ungrouped,

@@ -1,4 +1,4 @@
-"""benchmarks.bench_conv_weight_grad: oneDNN's conv3d weight gradient against the swapped one, and the route's choice."""
+"""benchmarks.bench_conv_weight_grad: oneDNN's conv3d weight gradient against the swapped one, and the choice."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 
 from benchmarks import bench_conv_weight_grad
-from tests.benchmarks.conftest import refusal
 from ddpm import fast_conv
+from tests.benchmarks.conftest import refusal
 
 
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
