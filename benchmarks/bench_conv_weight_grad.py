@@ -19,8 +19,8 @@ from benchmarks.common import environment
 from dataset.cli import OneLineParser, number, reuse_freed_memory, run_cli
 from ddpm import fast_conv
 
-# (batch, in channels, out channels, grid edge, channels-last): the demo autoencoder's (2 x 32^3 patches, NDHWC) and
-# the demo BiFlowNet's (4 x 16^3 latents) convolutions, plus their contiguous-layout twins
+# (batch, in channels, out channels, grid edge, channels-last): convolutions of the demo networks' sizes (autoencoder:
+# 2 x 32^3 patches, NDHWC; BiFlowNet: 4 x 16^3 latents), in both layouts
 SHAPES = [(2, 16, 16, 32, False), (2, 32, 16, 32, False), (2, 16, 16, 32, True), (4, 16, 16, 16, True),
           (4, 32, 16, 16, True), (4, 32, 16, 16, False), (4, 32, 32, 8, True)]
 
