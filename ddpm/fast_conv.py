@@ -239,16 +239,8 @@ def _swapped_weight_grad_faster(x_shape: tuple, w_shape: tuple, padding: tuple, 
     def swapped() -> None:
         _swapped_weight_grad(x, grad, padding)
 
-    best = {onednn: float("inf"), swapped: float("inf")}
-    with _disable_current_modes(), torch.no_grad():  # outside any FLOP counter's or profiler's dispatch mode
-        for run in best:  # warm-up
-            run()
-        for _ in range(5):
-            for run in best:
-                t0 = time.perf_counter()
-                run()
-                best[run] = min(best[run], time.perf_counter() - t0)
-    return best[swapped] < SWAPPED_WEIGHT_GRAD_MARGIN * best[onednn]
+    best_onednn, best_swapped = _best_times((onednn, swapped), repeats=5)
+    return best_swapped < SWAPPED_WEIGHT_GRAD_MARGIN * best_onednn
 
 
 class _SwappedWeightGradConv3d(torch.autograd.Function):
@@ -329,17 +321,24 @@ def _bf16_products_faster(rows: int, k: int, n: int) -> bool:
         wb, ab, gb = w.to(torch.bfloat16), a.to(torch.bfloat16), grad.to(torch.bfloat16)
         _product(ab, wb), _product(gb, wb.t()), _product(gb.t().contiguous(), ab.t().contiguous()).float()
 
-    best = {fp32: float("inf"), bf16: float("inf")}
-    # outside any active dispatch mode (a FLOP counter, a profiler's), which would count these products as the model's
+    best_fp32, best_bf16 = _best_times((fp32, bf16), repeats=3)
+    return best_bf16 < BF16_PRODUCTS_MARGIN * best_fp32
+
+
+def _best_times(runs, repeats: int) -> list[float]:
+    """Fastest wall time of each of ``runs`` (callables) over ``repeats`` interleaved rounds after one warm-up call
+    each; outside any active dispatch mode (a FLOP counter, a profiler's, which would count these runs as the
+    model's arithmetic), without gradients or CPU autocast."""
+    best = [float("inf")] * len(runs)
     with _disable_current_modes(), torch.no_grad(), torch.autocast("cpu", enabled=False):
-        for run in best:  # warm-up
+        for run in runs:  # warm-up
             run()
-        for _ in range(3):
-            for run in best:
+        for _ in range(repeats):
+            for i, run in enumerate(runs):
                 t0 = time.perf_counter()
                 run()
-                best[run] = min(best[run], time.perf_counter() - t0)
-    return best[bf16] < BF16_PRODUCTS_MARGIN * best[fp32]
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 # oneDNN's inner product (what PyTorch runs for bf16 products) on x86; PyTorch sends fp32 products to MKL's GEMM,

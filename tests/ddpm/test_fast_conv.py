@@ -32,6 +32,17 @@ def _assert_matches_float64(layer: nn.Module, ref: nn.Module, x: torch.Tensor, x
         torch.testing.assert_close(layer.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-5)
 
 
+def _conv_and_float64_twin(g: torch.Generator, cin: int, cout: int, kernel, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """A :class:`FastConv3d` with weights drawn from ``g`` (x 0.2) and an ``nn.Conv3d`` in float64 holding the same."""
+    conv = FastConv3d(cin, cout, kernel, **kwargs)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref = nn.Conv3d(cin, cout, kernel, **kwargs).double()
+    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    return conv, ref
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("cin,cout,kernel,padding,bias", [
     (8, 12, 3, 1, True), (16, 4, 1, 0, True), (5, 7, 3, 0, False), (6, 5, 2, 1, True), (4, 4, 3, 2, True),
@@ -40,12 +51,7 @@ def test_values_and_gradients_match_conv3d(cin: int, cout: int, kernel: int, pad
                                            channels_last: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fast_conv, "MIN_ONEDNN_PRODUCT", 1)  # the weight gradient's product on oneDNN too
     g = torch.Generator().manual_seed(0)
-    conv = FastConv3d(cin, cout, kernel, padding=padding, bias=bias)
-    with torch.no_grad():
-        for p in conv.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ref = nn.Conv3d(cin, cout, kernel, padding=padding, bias=bias).double()
-    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    conv, ref = _conv_and_float64_twin(g, cin, cout, kernel, padding=padding, bias=bias)
     x = torch.randn(1, cin, 8, 9, 10, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -107,12 +113,7 @@ def test_which_convolutions_pad_their_input_to_reach_onednn() -> None:
 @pytest.mark.parametrize("stride", [1, 2])
 def test_padded_input_runs_on_onednn_with_exact_values_and_gradients(stride: int) -> None:
     g = torch.Generator().manual_seed(0)
-    conv = FastConv3d(20, 6, 3, stride=stride, padding=1)
-    with torch.no_grad():
-        for p in conv.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ref = nn.Conv3d(20, 6, 3, stride=stride, padding=1).double()
-    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    conv, ref = _conv_and_float64_twin(g, 20, 6, 3, stride=stride, padding=1)
     x = torch.randn(1, 20, 32, 32, 4, generator=g)  # 20*32*32 = 20480: the slow path; 20*34*34 is not
     assert routes_to_padded(x, conv.weight, conv.padding, conv.dilation, conv.groups)
     x64, x = x.double().requires_grad_(), x.requires_grad_()
@@ -558,12 +559,7 @@ def test_swapped_weight_gradient_matches_conv3d_in_float64(batch: int, cin: int,
     with or without bias, for any kernel of 2+ and padding below it; the weight gradient is the swapped convolution."""
     _swap_everywhere(monkeypatch)
     g = torch.Generator().manual_seed(0)
-    conv = FastConv3d(cin, cout, kernel, padding=padding, bias=bias)
-    with torch.no_grad():
-        for p in conv.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ref = nn.Conv3d(cin, cout, kernel, padding=padding, bias=bias).double()
-    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    conv, ref = _conv_and_float64_twin(g, cin, cout, kernel, padding=padding, bias=bias)
     x = torch.randn(batch, cin, 9, 8, 10, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
