@@ -13,7 +13,10 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "Installing dependencies into $(VENV) (first run only) ..."
+	@echo "Installing dependencies into $(VENV) (first run only; about 7 GB with the CUDA build of torch) ..."
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	if [ -n "$$free_kb" ] && [ "$$free_kb" -lt 8000000 ]; then \
+	  echo "make: warning: $$((free_kb / 1024)) MB free on the disk holding $(VENV); the install needs about 7 GB" >&2; fi
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
