@@ -9,6 +9,7 @@ network is passed in as a function ``model_fn(x_t, t) -> prediction``.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -21,6 +22,9 @@ X0Hook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 _MONAI_TARGET = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 PROCESSES = ("ddpm", "rflow")
+#: Per-timestep weights of the training loss: ``uniform`` (plain MSE on the target) or ``min_snr`` (Min-SNR-gamma,
+#: Hang et al. 2023: the loss weighted as ``min(SNR, gamma)`` times the squared error of the implied clean latent).
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 SAMPLERS = {"ddpm": ("ddim", "ddpm"), "rflow": ("rflow",)}
 
 
@@ -42,6 +46,8 @@ class Diffusion:
             ``"rflow"`` for ``rflow``.
         num_inference_steps: default sampling steps.
         eta: DDIM stochasticity (0 = deterministic); the ``"ddpm"`` sampler always uses 1.
+        loss_weighting: ``"uniform"`` or ``"min_snr"`` (see :data:`LOSS_WEIGHTINGS`); training only.
+        min_snr_gamma: the SNR cap of ``"min_snr"`` (> 0).
     """
 
     def __init__(
@@ -53,6 +59,8 @@ class Diffusion:
         sampler: str = "ddim",
         num_inference_steps: int = 50,
         eta: float = 0.0,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         if process not in PROCESSES:
             raise ValueError(f"process={process!r}, expected one of {PROCESSES}")
@@ -62,8 +70,14 @@ class Diffusion:
             raise ValueError(f"rectified flow predicts the velocity; target must be 'v', got {target!r}")
         if sampler not in SAMPLERS[process]:
             raise ValueError(f"sampler={sampler!r} does not fit process={process!r}; expected {SAMPLERS[process]}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting={loss_weighting!r}, expected one of {LOSS_WEIGHTINGS}")
+        if isinstance(min_snr_gamma, bool) or not (isinstance(min_snr_gamma, (int, float)) and 0 < min_snr_gamma < math.inf):
+            raise ValueError(f"min_snr_gamma={min_snr_gamma!r}, expected a finite number > 0")
         self.process = process
         self.target = target
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.num_train_timesteps = int(num_train_timesteps)
         self.schedule = schedule
         self.sampler = sampler
@@ -86,6 +100,8 @@ class Diffusion:
             "sampler": self.sampler,
             "num_inference_steps": self.num_inference_steps,
             "eta": self.eta,
+            "loss_weighting": self.loss_weighting,
+            "min_snr_gamma": self.min_snr_gamma,
         }
 
     # ------------------------------------------------------------------ training
@@ -169,7 +185,29 @@ class Diffusion:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
         x_t = self.add_noise(x0, noise, t)
         pred = model_fn(x_t, t)
-        return nn.functional.mse_loss(pred.float(), self.training_target(x0, noise, t))
+        target = self.training_target(x0, noise, t)
+        if self.loss_weighting == "uniform":
+            return nn.functional.mse_loss(pred.float(), target)
+        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+        return (self.loss_weights(t) * per_sample).mean()
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) fp32 weights of the per-sample target MSE at timesteps ``t`` (all ones for ``uniform``).
+
+        ``min_snr``: ``min(SNR, gamma)`` times the factor by which the target's squared error becomes the implied
+        clean latent's (``1 / SNR`` for eps, ``1 / (SNR + 1)`` for v, 1 for x0; the squared noise fraction for
+        rectified flow's velocity), so every step counts as a capped-SNR-weighted x0 error.
+        """
+        if self.loss_weighting == "uniform":
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        if self.process == "rflow":
+            s = t.float() / self.num_train_timesteps  # noise fraction; x0 error = s * velocity error
+            snr = ((1 - s) / s.clamp_min(1e-12)).pow(2)
+            return snr.clamp_max(self.min_snr_gamma) * s.pow(2)
+        ab = self.scheduler.alphas_cumprod.to(device=t.device)[t.long()].float()
+        snr = ab / (1 - ab).clamp_min(1e-12)
+        factor = {"eps": 1 / snr.clamp_min(1e-12), "v": 1 / (snr + 1), "x0": torch.ones_like(snr)}[self.target]
+        return snr.clamp_max(self.min_snr_gamma) * factor
 
     # ------------------------------------------------------------------ sampling
     def make_sampler(self, sampler: str | None = None):

@@ -157,11 +157,67 @@ def test_training_loss_is_reproducible_under_its_generator() -> None:
 
 def test_hparams_rebuild_the_same_process() -> None:
     kw = {"process": "ddpm", "target": "x0", "num_train_timesteps": 300, "schedule": "linear_beta",
-          "sampler": "ddpm", "num_inference_steps": 7, "eta": 0.3}
+          "sampler": "ddpm", "num_inference_steps": 7, "eta": 0.3, "loss_weighting": "min_snr", "min_snr_gamma": 2.5}
     diff = Diffusion(**kw)
     assert diff.hparams() == kw
     rebuilt = Diffusion(**diff.hparams())
     torch.testing.assert_close(rebuilt.scheduler.alphas_cumprod, diff.scheduler.alphas_cumprod)
+    assert (rebuilt.loss_weighting, rebuilt.min_snr_gamma) == ("min_snr", 2.5)
+    # checkpoints written before the option existed rebuild with the uniform loss
+    old = {k: v for k, v in kw.items() if k not in ("loss_weighting", "min_snr_gamma")}
+    assert Diffusion(**old).loss_weighting == "uniform"
+
+
+def _snr(diff: Diffusion, t: torch.Tensor) -> torch.Tensor:
+    if diff.process == "rflow":
+        s = t.double() / diff.num_train_timesteps
+        return ((1 - s) / s) ** 2
+    ab = diff.scheduler.alphas_cumprod[t].double()
+    return ab / (1 - ab)
+
+
+@pytest.mark.parametrize("process,target,sampler", CONFIGS)
+def test_min_snr_loss_is_the_capped_snr_weighted_error_of_the_implied_clean_latent(process, target, sampler) -> None:
+    gamma = 3.0
+    diff = Diffusion(process, target, sampler=sampler, loss_weighting="min_snr", min_snr_gamma=gamma)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 2, 4, 4, 4, generator=g)
+    t = torch.tensor([1, 40, 250, 500, 800, 990])  # SNR from far above gamma to far below it
+    snr = _snr(diff, t)
+    assert snr.max() > 10 * gamma and snr.min() < gamma / 10
+    model = lambda x, tt: 0.3 * x + 0.1  # noqa: E731 - an imperfect predictor
+    loss = diff.training_loss(model, x0, t=t, generator=torch.Generator().manual_seed(1))
+    # the same noise again: the implied clean latent's squared error, weighted by min(SNR, gamma), averaged
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    x_t = diff.add_noise(x0, noise, t)
+    x0_err = (diff.predict_x0(x_t, t, model(x_t, t)) - x0).double().pow(2).flatten(1).mean(1)
+    expected = (snr.clamp(max=gamma) * x0_err).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-7)
+    # and it is not the uniform loss
+    uniform = Diffusion(process, target, sampler=sampler).training_loss(model, x0, t=t,
+                                                                      generator=torch.Generator().manual_seed(1))
+    assert abs(uniform.item() - loss.item()) > 0.05 * uniform.item()
+
+
+@pytest.mark.parametrize("process,target,sampler", CONFIGS)
+def test_uniform_loss_weights_are_ones_and_the_loss_is_plain_mse(process, target, sampler) -> None:
+    diff = Diffusion(process, target, sampler=sampler)
+    t = torch.tensor([0, 500, 999])
+    assert torch.equal(diff.loss_weights(t), torch.ones(3))
+    x0 = torch.randn(3, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    model = lambda x, tt: 0.5 * x  # noqa: E731
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    x_t = diff.add_noise(x0, noise, t)
+    expected = torch.nn.functional.mse_loss(model(x_t, t), diff.training_target(x0, noise, t))
+    assert diff.training_loss(model, x0, t=t, generator=torch.Generator().manual_seed(2)).item() == expected.item()
+
+
+@pytest.mark.parametrize("bad", [{"loss_weighting": "p2"}, {"min_snr_gamma": 0.0}, {"min_snr_gamma": -1.0},
+                                 {"min_snr_gamma": float("nan")}, {"min_snr_gamma": float("inf")},
+                                 {"min_snr_gamma": True}, {"min_snr_gamma": "5"}])
+def test_bad_loss_weighting_settings_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Diffusion("ddpm", "v", **bad)
 
 
 @pytest.mark.parametrize("process,target,sampler", CONFIGS)

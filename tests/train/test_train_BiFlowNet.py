@@ -141,11 +141,21 @@ def test_manifest_without_latents_is_rejected(tiny_prepared_dataset: Path, tmp_p
         ("network.xray.image_size=[64,64]", r"X-ray is \(32, 32\), but network.xray.image_size is \(64, 64\)"),
         ("global_batch_size=3 trainer.devices=2", "not divisible by the world size 2"),
         ("network.grad_checkpointing=sometimes", "network.grad_checkpointing='sometimes'; expected true, false or auto"),
+        ("process.loss_weighting=p2", "loss_weighting='p2', expected one of"),
+        ("process.min_snr_gamma=0", "min_snr_gamma=0, expected a finite number > 0"),
     ],
 )
 def test_bad_configuration_against_the_data_is_rejected(latent_dataset: Path, tmp_path: Path, override: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         run(_compose([*_overrides(latent_dataset, tmp_path, steps=1), *override.split()]))
+
+
+def test_min_snr_loss_weighting_trains_and_travels_with_the_checkpoint(latent_dataset: Path, tmp_path: Path) -> None:
+    out = run(_compose([*_overrides(latent_dataset, tmp_path, steps=2), "process.loss_weighting=min_snr",
+                        "process.min_snr_gamma=2"]))
+    diffusion = load_biflownet(out["last_checkpoint"]).diffusion
+    assert (diffusion.loss_weighting, diffusion.min_snr_gamma) == ("min_snr", 2.0)
+    assert torch.isfinite(torch.tensor(out["metrics"]["val/loss"]))
 
 
 def test_cli_turns_bad_input_into_exit_code_2(latent_dataset: Path, tmp_path: Path) -> None:
