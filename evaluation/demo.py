@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=number(int, min=16), default=64, help="CT edge in voxels (and DRR pixels)")
     p.add_argument("--seed", type=number(int, min=0), default=0)
     p.add_argument("--ae-steps", type=number(int, min=1), default=800)
-    p.add_argument("--diffusion-steps", type=number(int, min=1), default=800)
+    p.add_argument("--diffusion-steps", type=number(int, min=1), default=600)
     p.add_argument("--num-samples", type=number(int, min=1), default=4, help="samples per test subject (mean is scored)")
     p.add_argument("--inference-steps", type=number(int, min=1), default=25, help="DDIM steps")
     add_guidance_arguments(p)

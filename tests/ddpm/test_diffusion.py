@@ -157,15 +157,17 @@ def test_training_loss_is_reproducible_under_its_generator() -> None:
 
 def test_hparams_rebuild_the_same_process() -> None:
     kw = {"process": "ddpm", "target": "x0", "num_train_timesteps": 300, "schedule": "linear_beta",
-          "sampler": "ddpm", "num_inference_steps": 7, "eta": 0.3, "loss_weighting": "min_snr", "min_snr_gamma": 2.5}
+          "sampler": "ddpm", "num_inference_steps": 7, "eta": 0.3, "loss_weighting": "min_snr", "min_snr_gamma": 2.5,
+          "timestep_bias": 0.25}
     diff = Diffusion(**kw)
     assert diff.hparams() == kw
     rebuilt = Diffusion(**diff.hparams())
     torch.testing.assert_close(rebuilt.scheduler.alphas_cumprod, diff.scheduler.alphas_cumprod)
     assert (rebuilt.loss_weighting, rebuilt.min_snr_gamma) == ("min_snr", 2.5)
     # checkpoints written before the option existed rebuild with the uniform loss
-    old = {k: v for k, v in kw.items() if k not in ("loss_weighting", "min_snr_gamma")}
-    assert Diffusion(**old).loss_weighting == "uniform"
+    assert rebuilt.timestep_bias == 0.25
+    old = {k: v for k, v in kw.items() if k not in ("loss_weighting", "min_snr_gamma", "timestep_bias")}
+    assert Diffusion(**old).loss_weighting == "uniform" and Diffusion(**old).timestep_bias == 0.0
 
 
 def _snr(diff: Diffusion, t: torch.Tensor) -> torch.Tensor:
@@ -262,3 +264,32 @@ def test_x0_hook_of_the_wrong_shape_raises() -> None:
     diff = Diffusion("ddpm", "v", num_inference_steps=2)
     with pytest.raises(ValueError, match="x0 hook returned shape"):
         _sample_with_hook(diff, lambda i, t, x0: x0[:1])
+
+
+@pytest.mark.parametrize("bias", [0.5, 1.0, 0.1])
+def test_timestep_bias_draws_the_tilted_density(bias: float) -> None:
+    T, n = 1000, 200_000
+    diff = Diffusion("ddpm", "v", num_train_timesteps=T, timestep_bias=bias)
+    t = diff.sample_timesteps(n, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) == T - 1
+    # expected share of each tenth of [0, T): the integral of 1 - b + 2 b x over it
+    edges = torch.linspace(0, 1, 11, dtype=torch.float64)
+    cdf = (1 - bias) * edges + bias * edges**2
+    expected = cdf[1:] - cdf[:-1]
+    observed = torch.bincount(t // (T // 10), minlength=10).double() / n
+    sd = (expected * (1 - expected) / n).sqrt()
+    assert ((observed - expected).abs() < 5 * sd).all(), (observed, expected)
+    # reproducible under its generator, blind to the global RNG
+    torch.manual_seed(7)
+    assert torch.equal(t, diff.sample_timesteps(n, torch.device("cpu"), torch.Generator().manual_seed(0)))
+
+
+def test_zero_timestep_bias_keeps_the_uniform_draws() -> None:
+    t = Diffusion("ddpm", "v", timestep_bias=0.0).sample_timesteps(500, torch.device("cpu"), torch.Generator().manual_seed(3))
+    assert torch.equal(t, torch.randint(0, 1000, (500,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0.5", None])
+def test_bad_timestep_bias_is_refused(bad) -> None:
+    with pytest.raises(ValueError, match=r"timestep_bias=.*expected a number in \[0, 1\]"):
+        Diffusion("ddpm", "v", timestep_bias=bad)

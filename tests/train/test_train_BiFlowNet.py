@@ -143,6 +143,7 @@ def test_manifest_without_latents_is_rejected(tiny_prepared_dataset: Path, tmp_p
         ("network.grad_checkpointing=sometimes", "network.grad_checkpointing='sometimes'; expected true, false or auto"),
         ("process.loss_weighting=p2", "loss_weighting='p2', expected one of"),
         ("process.min_snr_gamma=0", "min_snr_gamma=0, expected a finite number > 0"),
+        ("process.timestep_bias=1.5", r"timestep_bias=1.5, expected a number in \[0, 1\]"),
     ],
 )
 def test_bad_configuration_against_the_data_is_rejected(latent_dataset: Path, tmp_path: Path, override: str, match: str) -> None:
