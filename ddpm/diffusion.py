@@ -112,6 +112,17 @@ class Diffusion:
             "timestep_bias": self.timestep_bias,
         }
 
+    #: the :meth:`hparams` that decide what training optimises (the sampler settings may change between runs)
+    TRAINING_KEYS = ("process", "target", "num_train_timesteps", "schedule", "loss_weighting", "min_snr_gamma",
+                     "timestep_bias")
+
+    @classmethod
+    def training_identity(cls, hparams: dict) -> dict:
+        """The training-relevant part of stored ``hparams``, with the defaults of options added since filled in (what a
+        resumed run must share with its checkpoint)."""
+        full = cls(**hparams).hparams()
+        return {k: full[k] for k in cls.TRAINING_KEYS}
+
     # ------------------------------------------------------------------ training
     def sample_timesteps(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n,) long timesteps in [0, T): uniform, or tilted towards the noisy end by ``timestep_bias``."""

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,8 @@ class ResumeMismatch(ValueError):
         self.reason = reason
 
 
-def check_resume(ckpt_path: str, kind: str, identity: dict, expected: dict[str, Any], run_hint: str) -> None:
+def check_resume(ckpt_path: str, kind: str, identity: dict, expected: dict[str, Any], run_hint: str,
+                 normalize: dict[str, Callable[[dict], dict]] | None = None) -> None:
     """Refuse to resume from a checkpoint of another dataset, network or stage (one line, exit code 2).
 
     Args:
@@ -136,6 +138,8 @@ def check_resume(ckpt_path: str, kind: str, identity: dict, expected: dict[str, 
         expected: hyper-parameters this run would store (e.g. ``{"network": {...}}``, ``{"stage": 2}``),
             compared with the checkpoint's.
         run_hint: the run's ``run_name`` for the message.
+        normalize: per key of ``expected``, a function applied to the checkpoint's dict and to this run's before they
+            are compared (e.g. fill in options added since the checkpoint was written, drop sampling-only ones).
 
     Raises:
         CheckpointError: the file is not a checkpoint of ``kind``.
@@ -146,6 +150,8 @@ def check_resume(ckpt_path: str, kind: str, identity: dict, expected: dict[str, 
     advice = (f"give this run its own run_name=... (now {run_hint}), or start fresh with ckpt_path=null")
     for key, value in expected.items():
         old = hp.get(key)
+        if normalize and key in normalize and isinstance(old, dict) and isinstance(value, dict):
+            old, value = normalize[key](old), normalize[key](value)
         if isinstance(old, dict) and isinstance(value, dict):
             diff = sorted(k for k in set(old) | set(value) if k not in RUNTIME_KEYS and old.get(k) != value.get(k))
             if diff:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dataset.cli import hydra_entry, hydra_task, quiet_libraries
 from dataset.latents import check_latent_origin
 from dataset.manifest import Manifest
+from ddpm.diffusion import Diffusion
 from ddpm.loading import read_network_config
 from ddpm.memory import grad_checkpointing_for
 from dataset.xray_harmonization import IntensityReference
@@ -107,8 +108,9 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         lora = cfg.module.get("lora")
         check_resume(ckpt_path, "biflownet", identity,
                      {"network": OmegaConf.to_container(net, resolve=True),
-                      "lora": OmegaConf.to_container(lora, resolve=True) if lora is not None else None},
-                     cfg.run_name)
+                      "lora": OmegaConf.to_container(lora, resolve=True) if lora is not None else None,
+                      "diffusion": OmegaConf.to_container(cfg.module.diffusion, resolve=True)},
+                     cfg.run_name, normalize={"diffusion": Diffusion.training_identity})
     xray_stats = IntensityReference.from_manifest(cfg.data.manifest).to_dict() if xray_size is not None else None
 
     datamodule = instantiate(cfg.data, batch_size=batch)

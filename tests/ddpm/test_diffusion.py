@@ -293,3 +293,12 @@ def test_zero_timestep_bias_keeps_the_uniform_draws() -> None:
 def test_bad_timestep_bias_is_refused(bad) -> None:
     with pytest.raises(ValueError, match=r"timestep_bias=.*expected a number in \[0, 1\]"):
         Diffusion("ddpm", "v", timestep_bias=bad)
+
+
+def test_training_identity_fills_in_new_options_and_leaves_out_the_sampler() -> None:
+    old = {"process": "ddpm", "target": "v", "num_train_timesteps": 1000, "schedule": "cosine", "sampler": "ddim",
+           "num_inference_steps": 50, "eta": 0.0}  # a checkpoint written before the loss options existed
+    ident = Diffusion.training_identity(old)
+    assert ident == Diffusion.training_identity({**old, "num_inference_steps": 7, "eta": 0.5, "timestep_bias": 0.0})
+    assert ident["timestep_bias"] == 0.0 and ident["loss_weighting"] == "uniform" and "sampler" not in ident
+    assert ident != Diffusion.training_identity({**old, "timestep_bias": 0.5})

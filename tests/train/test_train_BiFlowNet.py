@@ -181,6 +181,13 @@ def test_rerun_on_other_data_or_network_is_refused_naming_run_name(latent_datase
         run(_compose(_overrides(other, runs, steps=2)))
     with pytest.raises(ValueError, match=r"its network differs from this run's \(model_channels: 16 there, 8 here\)"):
         run(_compose([*_overrides(latent_dataset, runs, steps=2), "network.model_channels=8"]))
+    # another training objective is another run; sampler settings are not
+    with pytest.raises(ValueError, match=r"its diffusion differs from this run's \(timestep_bias: 0.0 there, 1.0 here\)"):
+        run(_compose([*_overrides(latent_dataset, runs, steps=2), "process.timestep_bias=1.0"]))
+    with pytest.raises(ValueError, match=r"its diffusion differs from this run's \(target: 'v' there, 'eps' here\)"):
+        run(_compose([*_overrides(latent_dataset, runs, steps=2), "process.target=eps"]))
+    resumed = run(_compose([*_overrides(latent_dataset, runs, steps=2), "process.num_inference_steps=7"]))
+    assert resumed["global_step"] == 2
     fresh = run(_compose([*_overrides(other, runs, steps=1), "ckpt_path=null"]))  # what the message offers
     assert fresh["global_step"] == 1
 
