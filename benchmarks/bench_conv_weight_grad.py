@@ -10,7 +10,6 @@ wins; to see that on an AVX-512 machine, cap both libraries' instruction set:
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 
 import torch
@@ -26,31 +25,17 @@ SHAPES = [(2, 16, 16, 32, False), (2, 32, 16, 32, False), (2, 16, 16, 32, True),
 
 
 def time_both(batch: int, cin: int, cout: int, edge: int, channels_last: bool, repeats: int) -> dict:
-    """Best-of-``repeats`` milliseconds of both weight gradients of a 3^3, padding-1 convolution of that shape."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cin, edge, edge, edge, generator=g)
-    w = torch.randn(cout, cin, 3, 3, 3, generator=g)
-    grad = torch.randn(batch, cout, edge, edge, edge, generator=g)
+    """Best-of-``repeats`` milliseconds of both weight gradients of a 3^3, padding-1 convolution of that shape (the
+    route's own runs and timing: :func:`ddpm.fast_conv._weight_grad_runs`, :func:`ddpm.fast_conv._best_times`)."""
+    x_shape, w_shape = (batch, cin, edge, edge, edge), (cout, cin, 3, 3, 3)
+    runs = fast_conv._weight_grad_runs(x_shape, w_shape, (1, 1, 1), channels_last)
+    out = {k: round(v * 1e3, 3) for k, v in zip(("onednn_ms", "swapped_ms"), fast_conv._best_times(runs, repeats))}
+    x = torch.empty(x_shape)
     if channels_last:
-        x, grad = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, grad))
-    ways = {
-        "onednn_ms": lambda: torch.ops.aten.convolution_backward(grad, x, w, None, [1] * 3, [1] * 3, [1] * 3, False,
-                                                                 [0] * 3, 1, [False, True, False]),
-        "swapped_ms": lambda: fast_conv._swapped_weight_grad(x, grad, (1, 1, 1)),
-    }
-    best = dict.fromkeys(ways, float("inf"))
-    with torch.no_grad():
-        for run in ways.values():  # warm-up
-            run()
-        for _ in range(repeats):
-            for name, run in ways.items():
-                t0 = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - t0)
-    w.requires_grad_(True)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.enable_grad():
-        taken = fast_conv.routes_to_swapped_weight_grad(x, w, (1, 1, 1), (1, 1, 1), (1, 1, 1), 1)
-    out = {k: round(v * 1e3, 3) for k, v in best.items()}
+        taken = fast_conv.routes_to_swapped_weight_grad(x, torch.empty(w_shape, requires_grad=True), (1, 1, 1),
+                                                        (1, 1, 1), (1, 1, 1), 1)
     return {"shape": f"{batch}x{cin}->{cout}x{edge}^3" + (" channels-last" if channels_last else ""), **out,
             "ratio": round(out["swapped_ms"] / out["onednn_ms"], 3), "route_takes_swap": taken}
 

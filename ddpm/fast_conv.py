@@ -220,11 +220,10 @@ def _swapped_weight_grad(x: torch.Tensor, grad: torch.Tensor, padding) -> torch.
     return F.conv3d(xp, grad.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
 
-@functools.cache
-def _swapped_weight_grad_faster(x_shape: tuple, w_shape: tuple, padding: tuple, channels_last: bool) -> bool:
-    """Both weight gradients of :func:`routes_to_swapped_weight_grad` timed (best of 5, interleaved, after a warm-up)
-    on seeded data that leaves the global random stream alone; the swapped one must win by
-    ``SWAPPED_WEIGHT_GRAD_MARGIN``."""
+def _weight_grad_runs(x_shape: tuple, w_shape: tuple, padding: tuple, channels_last: bool):
+    """``(onednn, swapped)``: callables computing a stride-1 conv3d's weight gradient on seeded data of these shapes
+    and layout, with oneDNN's own backward and with :func:`_swapped_weight_grad` (the data come from a generator of
+    their own, so the global random stream is left alone)."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(*x_shape, generator=g), torch.randn(*w_shape, generator=g)
     grid = output_grid(x, w, (1, 1, 1), padding, (1, 1, 1))
@@ -239,7 +238,14 @@ def _swapped_weight_grad_faster(x_shape: tuple, w_shape: tuple, padding: tuple, 
     def swapped() -> None:
         _swapped_weight_grad(x, grad, padding)
 
-    best_onednn, best_swapped = _best_times((onednn, swapped), repeats=5)
+    return onednn, swapped
+
+
+@functools.cache
+def _swapped_weight_grad_faster(x_shape: tuple, w_shape: tuple, padding: tuple, channels_last: bool) -> bool:
+    """Both weight gradients of :func:`routes_to_swapped_weight_grad` timed (best of 5, interleaved, after a warm-up,
+    :func:`_weight_grad_runs`); the swapped one must win by ``SWAPPED_WEIGHT_GRAD_MARGIN``."""
+    best_onednn, best_swapped = _best_times(_weight_grad_runs(x_shape, w_shape, padding, channels_last), repeats=5)
     return best_swapped < SWAPPED_WEIGHT_GRAD_MARGIN * best_onednn
 
 
