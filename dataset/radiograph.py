@@ -32,8 +32,10 @@ DICOM (pydicom; compressed transfer syntaxes through its pixel-data plugins, e.g
 - Refused, each in one line saying what the file is: colour, multi-frame, non-image objects,
   missing pixel data, cross-sectional slices (CT / MR / PET ...; a CT localizer is accepted).
 
-PNG / JPEG / TIFF are scaled to [0, 1] by their bit depth (grey-valued RGB is accepted, true colour
-refused); 2-D NIfTI and ``.pt`` keep their values when they lie in [0, 1], else they are normalised
+PNG / JPEG / TIFF are turned upright by their EXIF orientation, as viewers show them, and scaled to [0, 1]
+by their bit depth (16- and 32-bit files whose largest value fits a smaller even depth, 8, 10, 12 ..., using at
+least half of its range, by that depth: detector data exported unscaled); grey-valued RGB is accepted, true colour refused;
+multi-page files are refused; 2-D NIfTI and ``.pt`` keep their values when they lie in [0, 1], else they are normalised
 like DICOM. None of these formats carry a pixel spacing: give ``pixel_spacing`` (and ``sdd`` /
 ``sid``), or :func:`to_detector` fits the image to the detector keeping its aspect.
 """
@@ -60,7 +62,10 @@ XRAY_OPS = ("transpose", "flip-rows", "flip-cols")
 DISPLAY_ORIENTATION = {"AP": ("L", "F"), "LAT": ("P", "F")}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
+_EXIF_ORIENTATION = 0x0112  # EXIF tag: how the stored pixels must be turned for display
+_EXIF_TURNS = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped upside down", 5: "transposed",
+               6: "rotated 90 degrees clockwise", 7: "transverse", 8: "rotated 90 degrees anticlockwise"}
 #: Percentiles of the exposed field mapped to 0 and 1.
 NORMALISE_PERCENTILES = (0.5, 99.5)
 #: Cross-sectional modalities: one slice of these is not a projection radiograph.
@@ -164,14 +169,32 @@ def _positive(value, name: str, source: str) -> float:
 
 # ----------------------------------------------------------------------------------------------- DICOM
 def is_dicom(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a DICOM file (``DICM`` after the 128-byte preamble, or a DICOM suffix)."""
+    """Whether ``path`` is a DICOM file: ``DICM`` after the 128-byte preamble, a DICOM suffix, or (any other
+    name that is not an image, NIfTI or tensor file, e.g. ``IM0001``) a data set without preamble that pydicom
+    parses into image-describing elements."""
     path = Path(path)
     with contextlib.suppress(OSError):
         with open(path, "rb") as f:
             f.seek(128)
             if f.read(4) == b"DICM":
                 return True
-    return path.name.lower().endswith(DICOM_SUFFIXES)
+    name = path.name.lower()
+    if name.endswith(DICOM_SUFFIXES):
+        return True
+    if name.endswith((*IMAGE_SUFFIXES, *NIFTI_SUFFIXES, ".pt")):
+        return False
+    return _parses_as_dicom(path)
+
+
+def _parses_as_dicom(path: Path) -> bool:
+    import pydicom
+
+    try:
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(str(path), force=True, stop_before_pixels=True)
+        return any(k in ds for k in ("SOPClassUID", "Modality", "Rows"))
+    except Exception:  # noqa: BLE001 - anything pydicom cannot parse is not DICOM
+        return False
 
 
 @dataclass
@@ -200,9 +223,10 @@ def _tag(ds, keyword: str):
     return value
 
 
-def _read_dicom(path: Path) -> _Pixels:
-    """Read a DICOM radiograph; pydicom's warnings about odd tag values are silenced (bad values are
-    refused by our own checks, in one line)."""
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """Silence pydicom's warnings and log lines about odd tag values (bad values are refused by our own checks,
+    in one line)."""
     import logging
     import warnings
 
@@ -212,9 +236,15 @@ def _read_dicom(path: Path) -> _Pixels:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _read_dicom_quietly(path)
+            yield
     finally:
         logger.setLevel(level)
+
+
+def _read_dicom(path: Path) -> _Pixels:
+    """Read a DICOM radiograph (quietly: see :func:`_quiet_pydicom`)."""
+    with _quiet_pydicom():
+        return _read_dicom_quietly(path)
 
 
 def _read_dicom_quietly(path: Path) -> _Pixels:
@@ -250,13 +280,18 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"{path}: is a colour DICOM image (Photometric Interpretation {photometric or 'unset'}, "
                          f"{samples} samples per pixel); expected a greyscale radiograph (MONOCHROME1/2)")
+    guessed = _guess_transfer_syntax(ds)
     try:
         stored = ds.pixel_array
     except Exception as e:  # pydicom raises assorted types (missing codec, truncated data)
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         ts_name = getattr(ts, "name", str(ts))
+        if ts is not None and getattr(ts, "is_compressed", False):
+            hint = "install the codecs in requirements.txt (pylibjpeg with its openjpeg and libjpeg plugins)"
+        else:
+            hint = "the file is truncated or corrupt; expected complete uncompressed pixel data"
         raise ValueError(f"{path}: pixel data ({ts_name}) cannot be decoded ({type(e).__name__}: {_first_line(e)}); "
-                         "install the codecs in requirements.txt (pylibjpeg with its openjpeg and libjpeg plugins)") from None
+                         f"{hint}") from None
     if stored.ndim != 2:
         raise ValueError(f"{path}: pixel data has shape {stored.shape}; expected one greyscale frame (rows, cols)")
     bits = int(ds.get("BitsStored", 0) or 0)
@@ -266,7 +301,7 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
     source = (f"DICOM {modality or '?'} ({sop_name}), {photometric}, {bits} of {allocated} bits stored, "
               f"{stored.shape[0]} x {stored.shape[1]} pixels" + (f", {intent.lower()}" if intent else "")
               + (f", {ts.name}" if ts is not None and getattr(ts, "is_compressed", False) else ""))
-    steps = [f"read {source}"]
+    steps = [f"read {source}"] + ([guessed] if guessed else [])
     valid = np.ones(stored.shape, dtype=bool)
     pad = _tag(ds, "PixelPaddingValue")
     if pad is not None:
@@ -283,11 +318,14 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
     elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
         steps.append(f"applied Rescale Slope {float(ds.RescaleSlope):g} / Intercept {float(ds.RescaleIntercept):g}")
     shape_lut = str(ds.get("PresentationLUTShape", "") or "").upper()
-    invert = (photometric == "MONOCHROME1") != (shape_lut == "INVERSE")
+    # DX and CR images must carry Presentation LUT Shape INVERSE with MONOCHROME1 (PS3.3 C.8.11.1): both name
+    # the same single inversion. INVERSE with MONOCHROME2 asks for an inverted display on its own.
+    invert = photometric == "MONOCHROME1" or shape_lut == "INVERSE"
     if invert:
         values = -values
-        steps.append("inverted " + (photometric if photometric == "MONOCHROME1" else "(Presentation LUT Shape INVERSE)")
-                     + " so that brighter means more attenuation")
+        what = (photometric + (" (Presentation LUT Shape INVERSE, the same inversion)" if shape_lut == "INVERSE"
+                               else "") if photometric == "MONOCHROME1" else "(Presentation LUT Shape INVERSE)")
+        steps.append(f"inverted {what} so that brighter means more attenuation")
     sign = _tag(ds, "PixelIntensityRelationshipSign")
     if sign is not None and int(sign) in (1, -1) and (int(sign) == 1) != invert:
         steps.append(f"note: Pixel Intensity Relationship Sign {int(sign):+d} disagrees with {photometric}; "
@@ -302,6 +340,30 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
     px.laterality = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
     _dicom_geometry(ds, px, path)
     return px
+
+
+def _guess_transfer_syntax(ds) -> str | None:
+    """Give a dataset read without file meta (no preamble, ``force``) the transfer syntax of its own encoding,
+    so that pydicom can decode its pixels; returns the step that says so, or None when it has one."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID", None) is not None:
+        return None
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return None
+    uid = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = uid
+    return f"no transfer syntax in the file (no file meta): decoded as {uid.name}, the dataset's own encoding"
+
+
+def _tag_values(value) -> list:
+    """A multi-valued tag as a list; a single value (one number where two were expected) as a list of one."""
+    return [value] if isinstance(value, (str, bytes, int, float)) else list(value)
 
 
 def _first_line(err: BaseException) -> str:
@@ -345,10 +407,10 @@ def _dicom_geometry(ds, px: _Pixels, path: Path) -> None:
     ermf = _positive(ermf, "(0018,1114) Estimated Radiographic Magnification Factor", str(path)) if ermf is not None else None
     ips, ps, nsps = (_tag(ds, k) for k in ("ImagerPixelSpacing", "PixelSpacing", "NominalScannedPixelSpacing"))
     if ips is not None:
-        px.spacing = _positive_pair(list(ips), "(0018,1164) Imager Pixel Spacing", str(path))
+        px.spacing = _positive_pair(_tag_values(ips), "(0018,1164) Imager Pixel Spacing", str(path))
         px.notes.append(f"pixel spacing {px.spacing[0]:.4g} x {px.spacing[1]:.4g} mm (Imager Pixel Spacing)")
     elif ps is not None:
-        px.spacing = _positive_pair(list(ps), "(0028,0030) Pixel Spacing", str(path))
+        px.spacing = _positive_pair(_tag_values(ps), "(0028,0030) Pixel Spacing", str(path))
         calibrated = _tag(ds, "PixelSpacingCalibrationType") is not None
         if calibrated and ermf is not None and ermf > 1:
             px.spacing = (px.spacing[0] * ermf, px.spacing[1] * ermf)
@@ -358,7 +420,7 @@ def _dicom_geometry(ds, px: _Pixels, path: Path) -> None:
             px.notes.append(f"pixel spacing {px.spacing[0]:.4g} x {px.spacing[1]:.4g} mm (Pixel Spacing, taken at "
                             "the detector)")
     elif nsps is not None:
-        px.spacing = _positive_pair(list(nsps), "(0018,2010) Nominal Scanned Pixel Spacing", str(path))
+        px.spacing = _positive_pair(_tag_values(nsps), "(0018,2010) Nominal Scanned Pixel Spacing", str(path))
         px.notes.append(f"pixel spacing {px.spacing[0]:.4g} x {px.spacing[1]:.4g} mm (Nominal Scanned Pixel Spacing)")
     sdd = _tag(ds, "DistanceSourceToDetector")
     if sdd is not None:
@@ -399,15 +461,26 @@ def _read_plain(path: Path) -> _Pixels:
         return _Pixels(values, np.ones(values.shape, bool), f"tensor file, {values.shape[0]} x {values.shape[1]} pixels",
                        [f"read tensor ({values.shape[0]} x {values.shape[1]})"], photographic=False)
     if name.endswith(IMAGE_SUFFIXES):
-        from PIL import Image
+        from PIL import Image, ImageOps
 
-        with Image.open(path) as img:
+        with Image.open(path) as opened:
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1:
+                raise ValueError(f"is a multi-page image ({frames} pages); expected a single radiograph")
+            exif_steps = []
+            turn = opened.getexif().get(_EXIF_ORIENTATION, 1)
+            img = ImageOps.exif_transpose(opened) if turn in _EXIF_TURNS else opened
+            if turn in _EXIF_TURNS:
+                exif_steps.append(f"applied the EXIF orientation {turn} ({_EXIF_TURNS[turn]}), as image viewers do")
             mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                arr, scale = np.asarray(img, dtype=np.float64), 65535.0
-            elif mode == "I":
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 arr = np.asarray(img, dtype=np.float64)
-                scale = 65535.0 if arr.max(initial=0) <= 65535 else float(2**32 - 1)
+                full = 16 if mode != "I" or arr.max(initial=0) <= 65535 else 32
+                bits = _effective_bits(arr, full)
+                scale = float(2**bits - 1)
+                if bits < full:
+                    exif_steps.append(f"values fit in {bits} bits (largest {arr.max(initial=0):g}): {bits}-bit data "
+                                      f"in a {full}-bit file")
             elif mode == "F":
                 arr, scale = np.asarray(img, dtype=np.float64), None
             elif mode in ("L", "1"):
@@ -421,7 +494,8 @@ def _read_plain(path: Path) -> _Pixels:
                 arr, scale = rgb.mean(-1), 255.0
         kind = path.suffix.lstrip(".").upper()
         source = f"{kind} image, mode {mode}, {arr.shape[0]} x {arr.shape[1]} pixels"
-        px = _Pixels(arr if scale is None else arr / scale, np.ones(arr.shape, bool), source, [f"read {source}"])
+        px = _Pixels(arr if scale is None else arr / scale, np.ones(arr.shape, bool), source,
+                     [f"read {source}", *exif_steps])
         px.unit_range = scale is not None
         if scale is not None:
             px.steps.append(f"scaled by the bit depth (/ {scale:g})")
@@ -437,6 +511,21 @@ def _read_plain(path: Path) -> _Pixels:
         return _Pixels(arr, np.ones(arr.shape, bool), f"2-D NIfTI, {arr.shape[0]} x {arr.shape[1]} pixels",
                        [f"read 2-D NIfTI ({arr.shape[0]} x {arr.shape[1]}, array axis 0 as columns)"], photographic=False)
     raise ValueError(f"{path}: unsupported X-ray file type; expected DICOM, .png/.jpg/.tif, 2-D .nii/.nii.gz or .pt")
+
+
+def _effective_bits(arr: np.ndarray, full: int) -> int:
+    """The bit depth the values of a ``full``-bit greyscale image use: an even depth from 8 below ``full``, or
+    ``full``.
+
+    Exports of 10- to 14-bit detector data into 16-bit PNG / TIFF keep the stored values, so scaling them by
+    65535 would give an almost black radiograph. A depth is taken only when the largest value uses at least
+    half of its range (a 12-bit image reaches 2048 or more), so a dark 16-bit image keeps its 16 bits.
+    """
+    top = float(arr.max(initial=0))
+    for bits in range(8, full, 2):
+        if 2 ** (bits - 1) <= top <= 2**bits - 1:
+            return bits
+    return full
 
 
 # ------------------------------------------------------------------------------------------- intensity

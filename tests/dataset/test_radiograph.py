@@ -345,3 +345,103 @@ def test_png_tiff_jpeg_scale_by_bit_depth(tmp_path: Path, name: str, bits: int) 
     tolerance = 4 / 255 if name.endswith(".jpg") else 1e-6  # JPEG is lossy
     assert r.image.shape == (1, 12, 16)
     assert float((r.image[0] - torch.from_numpy(pixels.astype(np.float32)) / high).abs().max()) <= tolerance
+
+
+# ------------------------------------------------------------------ files from other systems (audit cases)
+@pytest.mark.parametrize("photometric,shape,inverted", [("MONOCHROME1", "INVERSE", True),
+                                                        ("MONOCHROME1", "IDENTITY", True),
+                                                        ("MONOCHROME2", "IDENTITY", False),
+                                                        ("MONOCHROME2", "INVERSE", True)])
+def test_presentation_lut_shape_inverse_is_the_monochrome1_inversion_not_a_second_one(
+        tmp_path: Path, photometric: str, shape: str, inverted: bool) -> None:
+    # DX / CR files must say INVERSE with MONOCHROME1: one inversion, so high stored values still end up dark
+    r = read_radiograph(write_dicom(tmp_path / "x.dcm", ramp(), photometric=photometric, bits_stored=12,
+                                    PresentationLUTShape=shape))
+    columns = r.image[0].mean(0)
+    assert bool((columns[1:] <= columns[:-1]).all()) == inverted
+    assert bool((columns[1:] >= columns[:-1]).all()) == (not inverted)
+    assert sum(s.startswith("inverted") for s in r.steps) == int(inverted)
+
+
+@pytest.mark.parametrize("name", ["IM0001", "image.IMA", "x.dcm"])
+def test_dicom_without_preamble_or_file_meta_is_decoded_in_its_own_encoding(tmp_path: Path, name: str) -> None:
+    from pydicom.filewriter import dcmwrite
+
+    pixels = ramp()
+    ds = dicom_dataset(pixels, bits_stored=12)
+    del ds.file_meta  # a bare data set, as old archives and some exporters write
+    path = tmp_path / name
+    dcmwrite(str(path), ds, implicit_vr=True, little_endian=True)
+    assert path.read_bytes()[128:132] != b"DICM"
+    r = read_radiograph(path, normalize=False)
+    assert torch.equal(r.image[0], torch.from_numpy(pixels.astype(np.float32)))
+    assert any("no transfer syntax in the file" in s and "Implicit VR Little Endian" in s for s in r.steps)
+
+
+def test_extensionless_files_that_are_not_dicom_are_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "IM0002"
+    path.write_bytes(b"hello, this is not a radiograph\n" * 20)
+    with pytest.raises(ValueError, match=r"IM0002: unsupported X-ray file type; expected DICOM"):
+        read_radiograph(path)
+
+
+def test_truncated_uncompressed_dicom_is_called_truncated_not_a_missing_codec(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "x.dcm", ramp(rows=64, cols=64), bits_stored=12)
+    path.write_bytes(path.read_bytes()[:-2000])
+    with pytest.raises(ValueError) as err:
+        read_radiograph(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "truncated or corrupt" in msg and "codecs" not in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("keyword", ["ImagerPixelSpacing", "PixelSpacing"])
+def test_single_valued_pixel_spacing_means_square_pixels(tmp_path: Path, keyword: str) -> None:
+    r = read_radiograph(write_dicom(tmp_path / "x.dcm", ramp(), bits_stored=12, **{keyword: "0.2"}), view="AP")
+    assert r.geometry is not None and r.geometry.pixel_spacing == pytest.approx((0.2, 0.2))
+
+
+@pytest.mark.parametrize("turn,stored_from_upright", [(3, lambda u: u[::-1, ::-1]), (6, lambda u: np.rot90(u, 1)),
+                                                      (8, lambda u: np.rot90(u, -1)), (2, lambda u: u[:, ::-1])])
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_exif_orientation_turns_the_image_upright(tmp_path: Path, turn: int, stored_from_upright, suffix: str) -> None:
+    from PIL import Image
+
+    upright = np.zeros((24, 16), np.uint8)
+    upright[2:8, 2:6] = 255  # a bright block near the top left corner of the displayed image
+    img = Image.fromarray(np.ascontiguousarray(stored_from_upright(upright)))
+    exif = Image.Exif()
+    exif[0x0112] = turn
+    img.save(tmp_path / f"x{suffix}", exif=exif, **({"quality": 100} if suffix == ".jpg" else {}))
+    r = read_radiograph(tmp_path / f"x{suffix}")
+    assert r.image.shape == (1, 24, 16)
+    if suffix == ".png":  # lossless: exactly the upright image
+        assert torch.equal(r.image[0], torch.from_numpy(upright / 255.0).float())
+    assert float(r.image[0, 2:8, 2:6].mean()) > 0.9 and float(r.image[0, 14:, 8:].mean()) < 0.1
+    assert any(f"EXIF orientation {turn}" in s for s in r.steps)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_twelve_bit_values_in_a_sixteen_bit_file_are_scaled_by_twelve_bits(tmp_path: Path, suffix: str) -> None:
+    from PIL import Image
+
+    pixels = ramp(high=4095)  # a DICOM -> PNG / TIFF export that kept the stored 12-bit values
+    pixels[0, -1] = 4095
+    Image.fromarray(pixels).save(tmp_path / f"x{suffix}")
+    r = read_radiograph(tmp_path / f"x{suffix}")
+    assert torch.allclose(r.image[0], torch.from_numpy(pixels.astype(np.float32)) / 4095)
+    assert any("12-bit data in a 16-bit file" in s for s in r.steps)
+    full = (pixels.astype(np.uint32) * 16).astype(np.uint16)  # the same image using the full 16 bits
+    Image.fromarray(full).save(tmp_path / f"full{suffix}")
+    r16 = read_radiograph(tmp_path / f"full{suffix}")
+    assert torch.allclose(r16.image[0], torch.from_numpy(full.astype(np.float32)) / 65535)
+    assert not any("bits (largest" in s for s in r16.steps)
+
+
+def test_multi_page_tiff_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    pages = [Image.fromarray(ramp().astype(np.uint8)) for _ in range(2)]
+    pages[0].save(tmp_path / "x.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(ValueError, match=r"x\.tif: is a multi-page image \(2 pages\); expected a single radiograph"):
+        read_radiograph(tmp_path / "x.tif")
