@@ -63,6 +63,9 @@ DISPLAY_ORIENTATION = {"AP": ("L", "F"), "LAT": ("P", "F")}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
+#: Half the depth of a typical adult chest along each view's beam (mm): DICOM's Distance Source to Patient ends at
+#: the table or detector side of the patient, the isocentre lies this much closer to the source.
+TYPICAL_HALF_DEPTH_MM = {"AP": 110.0, "LAT": 160.0}
 _EXIF_ORIENTATION = 0x0112  # EXIF tag: how the stored pixels must be turned for display
 _EXIF_TURNS = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped upside down", 5: "transposed",
                6: "rotated 90 degrees clockwise", 7: "transverse", 8: "rotated 90 degrees anticlockwise"}
@@ -167,6 +170,16 @@ def _positive(value, name: str, source: str) -> float:
     return v
 
 
+def _positive_factor(value, name: str, source: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{source}: {name} {_show(value)} is invalid; expected a positive finite factor")
+    return v
+
+
 # ----------------------------------------------------------------------------------------------- DICOM
 def is_dicom(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a DICOM file: ``DICM`` after the 128-byte preamble, a DICOM suffix, or (any other
@@ -213,6 +226,7 @@ class _Pixels:
     spacing: tuple[float, float] | None = None  # detector pitch (row, col), mm
     sdd: float | None = None
     sid: float | None = None
+    table_distance: float | None = None  # Distance Source to Patient: to the table / detector side of the patient
     notes: list[str] = field(default_factory=list)  # geometry provenance
 
 
@@ -404,7 +418,7 @@ def _patient_orientation(ds, path: Path) -> tuple[str, str] | None:
 def _dicom_geometry(ds, px: _Pixels, path: Path) -> None:
     """Detector pitch and distances from the DICOM tags (provenance in ``px.notes``)."""
     ermf = _tag(ds, "EstimatedRadiographicMagnificationFactor")
-    ermf = _positive(ermf, "(0018,1114) Estimated Radiographic Magnification Factor", str(path)) if ermf is not None else None
+    ermf = _positive_factor(ermf, "(0018,1114) Estimated Radiographic Magnification Factor", str(path)) if ermf is not None else None
     ips, ps, nsps = (_tag(ds, k) for k in ("ImagerPixelSpacing", "PixelSpacing", "NominalScannedPixelSpacing"))
     if ips is not None:
         px.spacing = _positive_pair(_tag_values(ips), "(0018,1164) Imager Pixel Spacing", str(path))
@@ -425,6 +439,12 @@ def _dicom_geometry(ds, px: _Pixels, path: Path) -> None:
     sdd = _tag(ds, "DistanceSourceToDetector")
     if sdd is not None:
         px.sdd = _positive(sdd, "(0018,1110) Distance Source to Detector", str(path))
+    dsp = _tag(ds, "DistanceSourceToPatient")
+    dsp = _positive(dsp, "(0018,1111) Distance Source to Patient", str(path)) if dsp is not None else None
+    if ermf is not None and ermf > 1 and px.sdd is None and dsp is not None:
+        px.sdd = dsp * ermf  # the factor is SDD over the source-object distance
+        px.notes.append(f"SDD {px.sdd:.1f} mm (Distance Source to Patient {dsp:g} mm x Estimated Radiographic "
+                        f"Magnification Factor {ermf:g})")
     if ermf is not None and ermf > 1 and px.sdd is not None:
         px.sid = px.sdd / ermf
         px.notes.append(f"SDD {px.sdd:g} mm, source-isocentre {px.sid:.1f} mm (SDD / Estimated Radiographic "
@@ -433,10 +453,7 @@ def _dicom_geometry(ds, px: _Pixels, path: Path) -> None:
         px.notes.append(f"magnification {ermf:g} (Estimated Radiographic Magnification Factor)")
         px.sid = -ermf  # resolved against the assumed SDD in _geometry
     else:
-        sod = _tag(ds, "DistanceSourceToPatient")
-        if sod is not None:
-            px.sid = _positive(sod, "(0018,1111) Distance Source to Patient", str(path))
-            px.notes.append(f"source-isocentre {px.sid:g} mm (Distance Source to Patient)")
+        px.table_distance = dsp  # resolved in _geometry, where the view is known
         if px.sdd is not None:
             px.notes.append(f"SDD {px.sdd:g} mm (Distance Source to Detector)")
         if ermf is not None:
@@ -676,7 +693,9 @@ def _display_words(view: str) -> str:
 # --------------------------------------------------------------------------------------------- reader
 def read_radiograph(path: str | os.PathLike, view: str | None = None, ops: Sequence[str] = (),
                     pixel_spacing: float | Sequence[float] | None = None, sdd: float | None = None,
-                    sid: float | None = None, assume: ViewGeometry | None = None, normalize: bool = True) -> Radiograph:
+                    sid: float | None = None, assume: ViewGeometry | None = None, normalize: bool = True,
+                    fill_pixel_spacing: float | Sequence[float] | None = None, fill_sdd: float | None = None,
+                    fill_sid: float | None = None) -> Radiograph:
     """Read one radiograph (see the module docstring for formats, tags and conventions).
 
     Args:
@@ -687,7 +706,9 @@ def read_radiograph(path: str | os.PathLike, view: str | None = None, ops: Seque
         pixel_spacing: detector pixel pitch ``(row, col)`` in mm as stored (before ``ops``; one number:
             square), overriding the file's.
         sdd, sid: source-to-detector and source-to-isocentre distances (mm), overriding the file's.
-        assume: geometry whose distances fill in those the file lacks (default ``ViewGeometry()``).
+        fill_pixel_spacing, fill_sdd, fill_sid: the same, used only where the file carries none (a value the
+            file has is kept, and the steps say so).
+        assume: geometry whose distances fill in those still missing (default ``ViewGeometry()``).
         normalize: map the values to [0, 1] (see the module docstring); False keeps them as stored
             (DICOM: after the Modality LUT and inversion), for importers with their own normalisation.
 
@@ -731,31 +752,60 @@ def read_radiograph(path: str | os.PathLike, view: str | None = None, ops: Seque
     tensor = apply_ops(torch.from_numpy(image.astype(np.float32))[None], all_ops).contiguous()
     valid = apply_ops(torch.from_numpy(px.valid)[None], all_ops).contiguous()
     geometry = _geometry(px, path, all_ops, reversed_, pixel_spacing, sdd, sid, assume or ViewGeometry(),
-                         tuple(tensor.shape[1:]))
+                         tuple(tensor.shape[1:]), (fill_pixel_spacing, fill_sdd, fill_sid), view)
     return Radiograph(tensor, geometry, tuple(px.steps), px.source, valid, view, str(path), reversed_)
 
 
 def _geometry(px: _Pixels, path: Path, ops: Sequence[str], reversed_: bool, pixel_spacing, sdd, sid,
-              assume: ViewGeometry, size: tuple[int, int]) -> ViewGeometry | None:
+              assume: ViewGeometry, size: tuple[int, int], fill=(None, None, None),
+              view: str | None = None) -> ViewGeometry | None:
     source = str(path)
+    fill_spacing, fill_sdd, fill_sid = fill
     if pixel_spacing is not None:
         given = _positive_pair(pixel_spacing, "pixel spacing", source)
-        px.notes.insert(0, f"pixel spacing {given[0]:.4g} x {given[1]:.4g} mm (given)")
+        if px.spacing is not None:
+            px.notes.append(f"the file's pixel spacing {px.spacing[0]:.4g} x {px.spacing[1]:.4g} mm replaced by the "
+                            "given one")
+        px.notes.append(f"pixel spacing {given[0]:.4g} x {given[1]:.4g} mm (given for this view)")
         px.spacing = given
-    if sdd is not None:
-        px.sdd = _positive(sdd, "SDD", source)
-        px.notes.append(f"SDD {px.sdd:g} mm (given)")
-    if sid is not None:
-        px.sid = _positive(sid, "source-isocentre distance", source)
-        px.notes.append(f"source-isocentre {px.sid:g} mm (given)")
+    elif fill_spacing is not None:
+        given = _positive_pair(fill_spacing, "pixel spacing", source)
+        if px.spacing is None:
+            px.notes.append(f"pixel spacing {given[0]:.4g} x {given[1]:.4g} mm (given; the file has none)")
+            px.spacing = given
+        elif not np.allclose(given, px.spacing, rtol=1e-3):
+            px.notes.append(f"the given pixel spacing {given[0]:.4g} x {given[1]:.4g} mm is for files without one: "
+                            "the file's is kept (give it per view to replace it)")
+    for name, key, over, fallback in (("SDD", "sdd", sdd, fill_sdd), ("source-isocentre distance", "sid", sid, fill_sid)):
+        label = "SDD" if key == "sdd" else "source-isocentre"
+        if over is not None:
+            setattr(px, key, _positive(over, name, source))
+            px.notes.append(f"{label} {getattr(px, key):g} mm (given for this view)")
+            if key == "sid":
+                px.table_distance = None
+        elif fallback is not None:
+            value = _positive(fallback, name, source)
+            if getattr(px, key) is None and not (key == "sid" and px.table_distance is not None):
+                setattr(px, key, value)
+                px.notes.append(f"{label} {value:g} mm (given; the file has none)")
+            else:
+                px.notes.append(f"the given {label} {value:g} mm is for files without one: the file's is kept")
     if px.spacing is None:
         px.steps.extend(px.notes)
         if not px.source.startswith("tensor"):
             px.steps.append("no pixel spacing known")
         return None
+    sdd_assumed = px.sdd is None
     if px.sdd is None:
         px.sdd = assume.sdd
         px.notes.append(f"SDD {px.sdd:g} mm assumed (the model's)")
+    if px.table_distance is not None and px.sid is None:
+        half = TYPICAL_HALF_DEPTH_MM.get(view or "AP", TYPICAL_HALF_DEPTH_MM["AP"])
+        px.sid = px.table_distance - half
+        px.notes.append(f"source-isocentre {px.sid:g} mm: Distance Source to Patient {px.table_distance:g} mm (to the "
+                        f"table or detector side of the patient, PS3.3 C.8.11.7) less half a typical adult chest "
+                        f"({half:g} mm along the {'lateral' if view == 'LAT' else 'antero-posterior'} beam); "
+                        "give --sid for another")
     if px.sid is None:
         px.sid = px.sdd / assume.magnification
         px.notes.append(f"source-isocentre {px.sid:.1f} mm assumed (the model's magnification {assume.magnification:.3g})")
@@ -763,13 +813,18 @@ def _geometry(px: _Pixels, path: Path, ops: Sequence[str], reversed_: bool, pixe
         px.sid = px.sdd / -px.sid
         px.notes.append(f"source-isocentre {px.sid:.1f} mm (assumed SDD / magnification)")
     px.steps.extend(px.notes)
+    if not px.sid > 0:
+        raise ValueError(f"{path}: source-isocentre distance {px.sid:g} mm is invalid; expected a positive distance "
+                         "(give it with --sid)")
     if not px.sdd > px.sid:
-        raise ValueError(f"{path}: SDD {px.sdd:g} mm must exceed the source-isocentre distance {px.sid:g} mm")
+        how = "assumed: the model's, as the file has none" if sdd_assumed else "from the file or given"
+        raise ValueError(f"{path}: SDD {px.sdd:g} mm ({how}) must exceed the source-isocentre distance {px.sid:g} mm; "
+                         "give the distances with --sdd / --sid (or per view)")
     return ViewGeometry(px.sdd, px.sid, size, _ops_spacing(px.spacing, ops), reversed=reversed_)
 
 
 # ----------------------------------------------------------------------------------- detector mapping
-def to_detector(radiograph: Radiograph, target: ViewGeometry) -> Radiograph:
+def to_detector(radiograph: Radiograph, target: ViewGeometry, fit_scale: float | None = None) -> Radiograph:
     """Map a radiograph onto a model's detector grid in millimetres (crop / pad around the centre, never stretch).
 
     With a known geometry the output has ``target``'s rows x cols and the pitch that gives
@@ -782,6 +837,8 @@ def to_detector(radiograph: Radiograph, target: ViewGeometry) -> Radiograph:
     Args:
         radiograph: from :func:`read_radiograph`.
         target: the model's view geometry (its ``detector_size`` and ``isocentre_pitch`` matter).
+        fit_scale: without a geometry, input pixels per detector pixel (default: the image just fits); a pair
+            from one detector shares the scale that fits the larger of its two images.
 
     Returns:
         A :class:`Radiograph` of ``target.detector_size`` with its new geometry and the steps added.
@@ -792,13 +849,15 @@ def to_detector(radiograph: Radiograph, target: ViewGeometry) -> Radiograph:
     g = radiograph.geometry
     steps = list(radiograph.steps)
     if g is None:
-        scale = max(h / rows, w / cols)  # input pixels per detector pixel, the whole image fits
+        own = max(h / rows, w / cols)  # input pixels per detector pixel at which the whole image fits
+        scale = own if fit_scale is None else max(float(fit_scale), own)
         in_pitch = (1.0, 1.0)
         out_pitch = (scale, scale)
         out_geometry = replace(target, reversed=radiograph.reversed)
-        if (h, w) != (rows, cols):
+        if (h, w) != (rows, cols) or scale != own:
+            shared = " at the scale shared with the other view (one detector assumed)" if scale > own * (1 + 1e-9) else ""
             steps.append(f"warning: no pixel spacing: fitted {h} x {w} pixels into the {rows} x {cols} detector "
-                         "keeping the aspect (give the pixel spacing for a true scale)")
+                         f"keeping the aspect{shared} (give the pixel spacing for a true scale)")
         else:
             steps.append(f"no pixel spacing: taken as the model's detector ({rows} x {cols}, "
                          f"{target.pixel_spacing[0]:.4g} x {target.pixel_spacing[1]:.4g} mm)")
@@ -813,7 +872,7 @@ def to_detector(radiograph: Radiograph, target: ViewGeometry) -> Radiograph:
         steps.append(f"pixel spacing {in_pitch[0]:.4g} x {in_pitch[1]:.4g} mm at magnification {mag:.3g} -> "
                      f"{out_pitch_mm[0]:.4g} x {out_pitch_mm[1]:.4g} mm (the model's {iso[0]:.4g} x {iso[1]:.4g} mm "
                      "at the isocentre)")
-        crop = [("cropped" if a > b + 1e-6 else "padded" if a < b - 1e-6 else "kept", abs(a - b))
+        crop = [("cropped" if a > b + 0.5 else "padded" if a < b - 0.5 else "kept", abs(a - b))  # to the mm shown
                 for a, b in zip(field_in, field_out)]
         steps.append(f"field at the isocentre {field_in[0]:.0f} x {field_in[1]:.0f} mm -> {field_out[0]:.0f} x "
                      f"{field_out[1]:.0f} mm: rows {crop[0][0]}" + (f" {crop[0][1]:.0f} mm" if crop[0][0] != "kept" else "")

@@ -38,10 +38,12 @@ class XrayOptions:
 
     Args:
         ap_ops, lat_ops: orientation ops applied after the tag-based orientation.
-        pixel_spacing: detector pitch ``(row, col)`` mm for files that carry none (and over the file's).
-        sdd, sid: source-to-detector / source-to-isocentre distances, mm (over the file's).
+        pixel_spacing: detector pitch ``(row, col)`` mm for the files of either view that carry none.
+        sdd, sid: source-to-detector / source-to-isocentre distances, mm, for the files that carry none.
         harmonize: ``"none"`` (default: as read) or ``"auto"`` (match the training intensity when the checkpoint
             has its statistics).
+        views: per-view values that replace the file's: ``{"AP": {"pixel_spacing": (r, c), "sdd": mm, "sid": mm},
+            "LAT": {...}}`` (any subset).
     """
 
     ap_ops: tuple[str, ...] = ()
@@ -50,20 +52,44 @@ class XrayOptions:
     sdd: float | None = None
     sid: float | None = None
     harmonize: str = "none"
+    views: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.harmonize not in HARMONIZE:
             raise ValueError(f"harmonize={self.harmonize!r} is invalid; expected one of {HARMONIZE}")
+        for view, values in self.views.items():
+            if view not in VIEWS or not set(values) <= set(PER_VIEW):
+                raise ValueError(f"per-view X-ray options {view}: {sorted(values)} are invalid; expected views "
+                                 f"{VIEWS} with some of {PER_VIEW}")
+
+    def of(self, view: str) -> dict:
+        """The values given for ``view`` alone (they replace the file's)."""
+        return dict(self.views.get(view, {}))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "XrayOptions":
         """From :func:`add_xray_arguments`' options."""
-        spacing = args.pixel_spacing
-        if spacing is not None:
-            if len(spacing) not in (1, 2):
-                raise ValueError(f"--pixel-spacing takes ROW [COL] mm, got {len(spacing)} values")
-            spacing = (spacing[0], spacing[-1])
-        return cls(tuple(args.ap_ops), tuple(args.lat_ops), spacing, args.sdd, args.sid, args.harmonize)
+        views: dict = {}
+        for view in VIEWS:
+            prefix = view.lower()
+            given = {"pixel_spacing": _spacing(getattr(args, f"{prefix}_pixel_spacing", None), f"--{prefix}-pixel-spacing"),
+                     "sdd": getattr(args, f"{prefix}_sdd", None), "sid": getattr(args, f"{prefix}_sid", None)}
+            given = {k: v for k, v in given.items() if v is not None}
+            if given:
+                views[view] = given
+        return cls(tuple(args.ap_ops), tuple(args.lat_ops), _spacing(args.pixel_spacing, "--pixel-spacing"), args.sdd,
+                   args.sid, args.harmonize, views)
+
+
+PER_VIEW = ("pixel_spacing", "sdd", "sid")
+
+
+def _spacing(values, option: str) -> tuple[float, float] | None:
+    if values is None:
+        return None
+    if len(values) not in (1, 2):
+        raise ValueError(f"{option} takes ROW [COL] mm, got {len(values)} values")
+    return (values[0], values[-1])
 
 
 def add_xray_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,12 +100,21 @@ def add_xray_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lat-ops", nargs="+", default=[], choices=XRAY_OPS, metavar="OP",
                    help="orientation fixes for the lateral image, as --ap-ops")
     g.add_argument("--pixel-spacing", nargs="+", type=number(float, min=0, min_open=True), default=None,
-                   metavar="MM", help="detector pixel pitch ROW [COL] in mm as stored (PNG/JPEG/TIFF/NIfTI/.pt carry "
-                   "none; overrides DICOM tags); without it such images are fitted to the detector")
+                   metavar="MM", help="detector pixel pitch ROW [COL] in mm as stored, for the files that carry none "
+                   "(PNG/JPEG/TIFF/NIfTI/.pt; a DICOM's own is kept); without it such images are fitted to the "
+                   "detector at one scale for both views")
     g.add_argument("--sdd", type=number(float, min=0, min_open=True), default=None, metavar="MM",
-                   help="source-to-detector distance (default: DICOM tag, else the model's)")
+                   help="source-to-detector distance for the files that carry none (else the model's)")
     g.add_argument("--sid", type=number(float, min=0, min_open=True), default=None, metavar="MM",
-                   help="source-to-isocentre distance (default: DICOM tags, else the model's magnification)")
+                   help="source-to-isocentre distance for the files that carry none (else from the SDD and the "
+                   "model's magnification)")
+    for view in ("ap", "lat"):
+        g.add_argument(f"--{view}-pixel-spacing", nargs="+", type=number(float, min=0, min_open=True), default=None,
+                       metavar="MM", help=f"the {view.upper()} image's pixel pitch ROW [COL] in mm, replacing its own")
+        g.add_argument(f"--{view}-sdd", type=number(float, min=0, min_open=True), default=None, metavar="MM",
+                       help=f"the {view.upper()} image's source-to-detector distance, replacing its own")
+        g.add_argument(f"--{view}-sid", type=number(float, min=0, min_open=True), default=None, metavar="MM",
+                       help=f"the {view.upper()} image's source-to-isocentre distance, replacing its own")
     g.add_argument("--harmonize", choices=HARMONIZE, default="none",
                    help="use the input intensity as read (none, default: models trained with the radiograph-style "
                    "augmentation measured best so, see benchmarks/RESULTS.md) or match it to the training X-rays' "
@@ -181,29 +216,37 @@ def prepare_pair(ap_path: str | os.PathLike, lat_path: str | os.PathLike, xray_s
         :class:`XrayInputs` whose images have the model's detector size, in [0, 1].
     """
     rows, cols = (int(s) for s in xray_size)
-    views = {}
+    read, model_views = {}, {}
     for view, path, ops in (("AP", ap_path, options.ap_ops), ("LAT", lat_path, options.lat_ops)):
         model_view = model_geometry.view(view) if model_geometry is not None else None
         if model_view is not None and model_view.detector_size != (rows, cols):
             model_view = replace(model_view, detector_size=(rows, cols),
                                  pixel_spacing=tuple(p * n / m for p, n, m in
                                                      zip(model_view.pixel_spacing, model_view.detector_size, (rows, cols))))
-        r = read_radiograph(path, view, ops, pixel_spacing=options.pixel_spacing, sdd=options.sdd, sid=options.sid,
-                            assume=model_view or ViewGeometry())
+        own = options.of(view)
+        r = read_radiograph(path, view, ops, pixel_spacing=own.get("pixel_spacing"), sdd=own.get("sdd"),
+                            sid=own.get("sid"), assume=model_view or ViewGeometry(),
+                            fill_pixel_spacing=options.pixel_spacing, fill_sdd=options.sdd, fill_sid=options.sid)
         given = known.view(view) if known is not None else None
         if r.geometry is None and given is not None and tuple(r.image.shape[1:]) == given.detector_size:
             r = replace(r, geometry=given, reversed=given.reversed,
                         steps=r.steps + (f"geometry of the prepared dataset (dataset.json): {given.detector_size[0]} x "
                                          f"{given.detector_size[1]} at {given.pixel_spacing[0]:.4g} x "
                                          f"{given.pixel_spacing[1]:.4g} mm, SDD {given.sdd:g}, SID {given.sid:g} mm",))
-        if model_view is None:
-            if r.geometry is not None:
-                r = replace(r, geometry=None, steps=r.steps + ("the model records no training geometry: the pixel "
-                                                               "spacing cannot be used",))
-            r = to_detector(r, ViewGeometry(detector_size=(rows, cols)))
-            r = replace(r, geometry=None)
+        if model_view is None and r.geometry is not None:
+            r = replace(r, geometry=None, steps=r.steps + ("the model records no training geometry: the pixel "
+                                                           "spacing cannot be used",))
+        read[view], model_views[view] = r, model_view
+    # two images without a pixel spacing are taken from one detector: one scale fits the larger field of both
+    fit = None
+    if all(r.geometry is None for r in read.values()):
+        fit = max(max(r.image.shape[1] / rows, r.image.shape[2] / cols) for r in read.values())
+    views = {}
+    for view, r in read.items():
+        if model_views[view] is None:
+            r = replace(to_detector(r, ViewGeometry(detector_size=(rows, cols)), fit), geometry=None)
         else:
-            r = to_detector(r, model_view)
+            r = to_detector(r, model_views[view], fit)
         views[view] = r
     harmonized = False
     extra: list[str] = []

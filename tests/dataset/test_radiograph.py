@@ -445,3 +445,52 @@ def test_multi_page_tiff_is_refused(tmp_path: Path) -> None:
     pages[0].save(tmp_path / "x.tif", save_all=True, append_images=pages[1:])
     with pytest.raises(ValueError, match=r"x\.tif: is a multi-page image \(2 pages\); expected a single radiograph"):
         read_radiograph(tmp_path / "x.tif")
+
+
+def test_distance_source_to_patient_ends_at_the_table_so_the_isocentre_is_half_a_chest_closer(tmp_path: Path) -> None:
+    from dataset.radiograph import TYPICAL_HALF_DEPTH_MM
+
+    tags = dict(ImagerPixelSpacing=[0.2, 0.2], DistanceSourceToDetector=1800, DistanceSourceToPatient=1650)
+    for view, position in (("AP", "PA"), ("LAT", "LL")):
+        r = read_radiograph(write_dicom(tmp_path / f"{view}.dcm", ramp(), ViewPosition=position, **tags), view=view)
+        assert r.geometry.sdd == 1800
+        assert r.geometry.sid == pytest.approx(1650 - TYPICAL_HALF_DEPTH_MM[view])
+        assert any("Distance Source to Patient 1650 mm" in s and "table" in s for s in r.steps)
+    # the distance given for the view replaces the estimate
+    r = read_radiograph(tmp_path / "AP.dcm", view="AP", sid=1600)
+    assert r.geometry.sid == 1600 and not any("half a typical" in s for s in r.steps)
+    # with a magnification factor and no SDD, the SDD is the distance times the factor
+    path = write_dicom(tmp_path / "ermf.dcm", ramp(), ImagerPixelSpacing=[0.2, 0.2], DistanceSourceToPatient=1500,
+                       EstimatedRadiographicMagnificationFactor=1.2)
+    r = read_radiograph(path, view="AP")
+    assert r.geometry.sdd == pytest.approx(1800) and r.geometry.sid == pytest.approx(1500)
+
+
+def test_an_assumed_sdd_below_the_files_distance_is_refused_naming_the_assumption(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "x.dcm", ramp(), ImagerPixelSpacing=[0.2, 0.2], DistanceSourceToPatient=1800)
+    with pytest.raises(ValueError) as err:
+        read_radiograph(path, view="AP", assume=ViewGeometry(1500, 1000, (8, 8), (2.0, 2.0)))
+    msg = str(err.value)
+    assert "SDD 1500 mm (assumed: the model's" in msg and "--sdd" in msg and len(msg.splitlines()) == 1
+    assert read_radiograph(path, view="AP", fill_sdd=1950).geometry.sdd == 1950
+
+
+def test_shared_values_fill_in_only_what_a_file_lacks(tmp_path: Path) -> None:
+    from PIL import Image
+
+    dicom = write_dicom(tmp_path / "x.dcm", ramp(), ImagerPixelSpacing=[0.2, 0.2], DistanceSourceToDetector=1800)
+    r = read_radiograph(dicom, view="AP", fill_pixel_spacing=0.3, fill_sdd=1500, fill_sid=1000)
+    assert r.geometry.pixel_spacing == (0.2, 0.2) and r.geometry.sdd == 1800 and r.geometry.sid == 1000
+    assert any("is for files without one: the file's is kept" in s for s in r.steps)
+    r = read_radiograph(dicom, view="AP", pixel_spacing=0.3)  # given for this view: replaces the file's
+    assert r.geometry.pixel_spacing == (0.3, 0.3) and any("replaced by the given one" in s for s in r.steps)
+    Image.fromarray(ramp().astype(np.uint8)).save(tmp_path / "x.png")
+    r = read_radiograph(tmp_path / "x.png", view="AP", fill_pixel_spacing=0.3, fill_sdd=1500, fill_sid=1000)
+    assert r.geometry.pixel_spacing == (0.3, 0.3) and (r.geometry.sdd, r.geometry.sid) == (1500, 1000)
+
+
+def test_ermf_of_zero_is_refused_as_a_factor(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "x.dcm", ramp(), ImagerPixelSpacing=[0.2, 0.2],
+                       EstimatedRadiographicMagnificationFactor=0)
+    with pytest.raises(ValueError, match="Magnification Factor 0.0 is invalid; expected a positive finite factor"):
+        read_radiograph(path, view="AP")

@@ -167,3 +167,49 @@ def test_existing_sidecar_or_preview_is_refused(checkpoints, pair, tmp_path, cap
     code = generate_ct.main([str(a) for a in ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat,
                                               "--preview", tmp_path / "p.jpg"]])
     assert code == 2 and "expected a .png" in capsys.readouterr().err
+
+
+def test_per_view_options_replace_the_files_values_and_shared_ones_fill_in(tmp_path: Path) -> None:
+    import argparse
+
+    from evaluation.xray_inputs import add_xray_arguments
+
+    p = argparse.ArgumentParser()
+    add_xray_arguments(p)
+    args = p.parse_args(["--pixel-spacing", "0.3", "--sdd", "1500", "--lat-pixel-spacing", "0.2", "0.25",
+                         "--ap-sid", "1000"])
+    options = XrayOptions.from_args(args)
+    assert options.pixel_spacing == (0.3, 0.3) and options.sdd == 1500
+    assert options.of("LAT") == {"pixel_spacing": (0.2, 0.25)} and options.of("AP") == {"sid": 1000}
+    with pytest.raises(ValueError, match="--ap-pixel-spacing takes ROW \\[COL\\] mm, got 3 values"):
+        XrayOptions.from_args(p.parse_args(["--ap-pixel-spacing", "1", "2", "3"]))
+    with pytest.raises(ValueError, match="per-view X-ray options"):
+        XrayOptions(views={"PA": {"sdd": 1}})
+    # a DICOM AP with its own spacing and a PNG lateral: the shared value is the PNG's, the DICOM keeps its own
+    geometry = DRRGeometry()
+    ap = write_dicom(tmp_path / "ap.dcm", np.arange(1600, dtype=np.uint16).reshape(40, 40), ImagerPixelSpacing=[0.5, 0.5],
+                     DistanceSourceToDetector=geometry.ap.sdd, ViewPosition="AP")
+    from PIL import Image
+
+    Image.fromarray(np.arange(1600).reshape(40, 40).astype(np.uint8)).save(tmp_path / "lat.png")
+    pair_in = prepare_pair(ap, tmp_path / "lat.png", geometry.detector_size, geometry, None,
+                           XrayOptions(pixel_spacing=(0.7, 0.7)))
+    assert any("pixel spacing 0.5 x 0.5 mm at magnification" in s for s in pair_in.ap.steps)
+    assert any("pixel spacing 0.7 x 0.7 mm at magnification" in s for s in pair_in.lat.steps)
+
+
+def test_a_pair_without_pixel_spacing_shares_one_scale(tmp_path: Path) -> None:
+    from PIL import Image
+
+    # the same 20-pixel-wide body, on a taller AP film and a square lateral one
+    ap, lat = np.zeros((50, 40), np.uint8), np.zeros((40, 40), np.uint8)
+    ap[5:45, 10:30] = 200
+    lat[5:35, 10:30] = 200
+    Image.fromarray(ap).save(tmp_path / "ap.png")
+    Image.fromarray(lat).save(tmp_path / "lat.png")
+    geometry = DRRGeometry()
+    rows, cols = 20, 20
+    pair_in = prepare_pair(tmp_path / "ap.png", tmp_path / "lat.png", (rows, cols), geometry, None, XrayOptions())
+    width = {v: float((r.image[0] > 0.3).any(0).sum()) for v, r in (("AP", pair_in.ap), ("LAT", pair_in.lat))}
+    assert width["AP"] == width["LAT"] == pytest.approx(20 * 20 / 50, abs=1)  # both at the AP's 2.5 px per pixel
+    assert any("scale shared with the other view" in s for s in pair_in.lat.steps)
