@@ -34,7 +34,8 @@ DICOM (pydicom; compressed transfer syntaxes through its pixel-data plugins, e.g
 
 PNG / JPEG / TIFF are turned upright by their EXIF orientation, as viewers show them, and scaled to [0, 1]
 by their bit depth (16- and 32-bit files whose largest value fits a smaller even depth, 8, 10, 12 ..., using at
-least half of its range, by that depth: detector data exported unscaled); grey-valued RGB is accepted, true colour refused;
+least half of its range, by that depth: detector data exported unscaled); grey-valued RGB (also in DICOM, up to
+0.5 % coloured annotation pixels) is accepted, true colour refused;
 multi-page files are refused; 2-D NIfTI and ``.pt`` keep their values when they lie in [0, 1], else they are normalised
 like DICOM. None of these formats carry a pixel spacing: give ``pixel_spacing`` (and ``sdd`` /
 ``sid``), or :func:`to_detector` fits the image to the detector keeping its aspect.
@@ -291,7 +292,8 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
                          "a single radiograph")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    colour = samples == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422")  # e.g. a secondary capture
+    if not colour and (samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2")):
         raise ValueError(f"{path}: is a colour DICOM image (Photometric Interpretation {photometric or 'unset'}, "
                          f"{samples} samples per pixel); expected a greyscale radiograph (MONOCHROME1/2)")
     guessed = _guess_transfer_syntax(ds)
@@ -306,6 +308,17 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
             hint = "the file is truncated or corrupt; expected complete uncompressed pixel data"
         raise ValueError(f"{path}: pixel data ({ts_name}) cannot be decoded ({type(e).__name__}: {_first_line(e)}); "
                          f"{hint}") from None
+    grey_step = None
+    if colour and stored.ndim == 3 and stored.shape[-1] == 3:
+        from pydicom.pixels import convert_color_space
+
+        rgb = stored if photometric == "RGB" else convert_color_space(stored, photometric, "RGB")
+        depth = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
+        try:
+            stored, grey_step = _grey_from_rgb(np.asarray(rgb, dtype=np.float64), depth)
+        except ValueError:
+            raise ValueError(f"{path}: is a colour DICOM image (Photometric Interpretation {photometric}, 3 samples "
+                             "per pixel, coloured pixels); expected a greyscale radiograph (MONOCHROME1/2)") from None
     if stored.ndim != 2:
         raise ValueError(f"{path}: pixel data has shape {stored.shape}; expected one greyscale frame (rows, cols)")
     bits = int(ds.get("BitsStored", 0) or 0)
@@ -315,7 +328,7 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
     source = (f"DICOM {modality or '?'} ({sop_name}), {photometric}, {bits} of {allocated} bits stored, "
               f"{stored.shape[0]} x {stored.shape[1]} pixels" + (f", {intent.lower()}" if intent else "")
               + (f", {ts.name}" if ts is not None and getattr(ts, "is_compressed", False) else ""))
-    steps = [f"read {source}"] + ([guessed] if guessed else [])
+    steps = [f"read {source}"] + ([guessed] if guessed else []) + ([f"colour image: {grey_step}"] if grey_step else [])
     valid = np.ones(stored.shape, dtype=bool)
     pad = _tag(ds, "PixelPaddingValue")
     if pad is not None:
@@ -334,7 +347,7 @@ def _read_dicom_quietly(path: Path) -> _Pixels:
     shape_lut = str(ds.get("PresentationLUTShape", "") or "").upper()
     # DX and CR images must carry Presentation LUT Shape INVERSE with MONOCHROME1 (PS3.3 C.8.11.1): both name
     # the same single inversion. INVERSE with MONOCHROME2 asks for an inverted display on its own.
-    invert = photometric == "MONOCHROME1" or shape_lut == "INVERSE"
+    invert = photometric == "MONOCHROME1" or shape_lut == "INVERSE"  # grey in colour channels: as MONOCHROME2
     if invert:
         values = -values
         what = (photometric + (" (Presentation LUT Shape INVERSE, the same inversion)" if shape_lut == "INVERSE"
@@ -484,11 +497,11 @@ def _read_plain(path: Path) -> _Pixels:
             frames = getattr(opened, "n_frames", 1)
             if frames > 1:
                 raise ValueError(f"is a multi-page image ({frames} pages); expected a single radiograph")
-            exif_steps = []
+            extra_steps = []
             turn = opened.getexif().get(_EXIF_ORIENTATION, 1)
             img = ImageOps.exif_transpose(opened) if turn in _EXIF_TURNS else opened
             if turn in _EXIF_TURNS:
-                exif_steps.append(f"applied the EXIF orientation {turn} ({_EXIF_TURNS[turn]}), as image viewers do")
+                extra_steps.append(f"applied the EXIF orientation {turn} ({_EXIF_TURNS[turn]}), as image viewers do")
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 arr = np.asarray(img, dtype=np.float64)
@@ -496,7 +509,7 @@ def _read_plain(path: Path) -> _Pixels:
                 bits = _effective_bits(arr, full)
                 scale = float(2**bits - 1)
                 if bits < full:
-                    exif_steps.append(f"values fit in {bits} bits (largest {arr.max(initial=0):g}): {bits}-bit data "
+                    extra_steps.append(f"values fit in {bits} bits (largest {arr.max(initial=0):g}): {bits}-bit data "
                                       f"in a {full}-bit file")
             elif mode == "F":
                 arr, scale = np.asarray(img, dtype=np.float64), None
@@ -505,14 +518,16 @@ def _read_plain(path: Path) -> _Pixels:
             elif mode == "LA":
                 arr, scale = np.asarray(img.convert("L"), dtype=np.float64), 255.0
             else:
-                rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
-                if np.abs(rgb - rgb.mean(-1, keepdims=True)).max() > 2.0:
-                    raise ValueError(f"{path}: is a colour image (mode {mode}); expected a greyscale radiograph")
-                arr, scale = rgb.mean(-1), 255.0
+                try:
+                    arr, grey_step = _grey_from_rgb(np.asarray(img.convert("RGB"), dtype=np.float64), 255.0)
+                except ValueError:
+                    raise ValueError(f"{path}: is a colour image (mode {mode}); expected a greyscale radiograph") from None
+                scale = 255.0
+                extra_steps.append(f"mode {mode}: {grey_step}")
         kind = path.suffix.lstrip(".").upper()
         source = f"{kind} image, mode {mode}, {arr.shape[0]} x {arr.shape[1]} pixels"
         px = _Pixels(arr if scale is None else arr / scale, np.ones(arr.shape, bool), source,
-                     [f"read {source}", *exif_steps])
+                     [f"read {source}", *extra_steps])
         px.unit_range = scale is not None
         if scale is not None:
             px.steps.append(f"scaled by the bit depth (/ {scale:g})")
@@ -528,6 +543,20 @@ def _read_plain(path: Path) -> _Pixels:
         return _Pixels(arr, np.ones(arr.shape, bool), f"2-D NIfTI, {arr.shape[0]} x {arr.shape[1]} pixels",
                        [f"read 2-D NIfTI ({arr.shape[0]} x {arr.shape[1]}, array axis 0 as columns)"], photographic=False)
     raise ValueError(f"{path}: unsupported X-ray file type; expected DICOM, .png/.jpg/.tif, 2-D .nii/.nii.gz or .pt")
+
+
+def _grey_from_rgb(rgb: np.ndarray, depth: float) -> tuple[np.ndarray, str]:
+    """An ``(H, W, 3)`` image of grey pixels (channels within 2 / 255 of the range ``depth``) as ``(H, W)`` and the
+    step saying so. Up to 0.5 % coloured pixels (burnt-in annotations) are taken at their mean level; more is
+    a colour picture: ``ValueError``."""
+    spread = np.abs(rgb - rgb.mean(-1, keepdims=True)).max(-1)
+    coloured = spread > 2.0 * depth / 255.0
+    if coloured.mean() > 0.005:
+        raise ValueError(f"{int(coloured.sum())} coloured pixels")
+    step = "grey pixels in colour channels, read as grey"
+    if coloured.any():
+        step += f" ({int(coloured.sum())} coloured pixels, e.g. annotations, taken at their mean level)"
+    return rgb.mean(-1), step
 
 
 def _effective_bits(arr: np.ndarray, full: int) -> int:

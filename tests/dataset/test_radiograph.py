@@ -301,7 +301,9 @@ def bad_dicom(tmp_path: Path, kind: str) -> Path:
     path = tmp_path / f"{kind}.dcm"
     grey = marker_image()
     if kind == "colour":
-        return write_dicom(path, np.zeros((8, 8, 3), np.uint8))
+        rgb = np.zeros((8, 8, 3), np.uint8)
+        rgb[..., 0] = 200  # red
+        return write_dicom(path, rgb)
     if kind == "multiframe":
         return write_dicom(path, np.zeros((16, 8), np.uint16), NumberOfFrames=2, Rows=8)
     if kind == "nonimage":
@@ -494,3 +496,21 @@ def test_ermf_of_zero_is_refused_as_a_factor(tmp_path: Path) -> None:
                        EstimatedRadiographicMagnificationFactor=0)
     with pytest.raises(ValueError, match="Magnification Factor 0.0 is invalid; expected a positive finite factor"):
         read_radiograph(path, view="AP")
+
+
+def test_grey_secondary_capture_in_rgb_is_read_as_grey_and_annotations_do_not_refuse_it(tmp_path: Path) -> None:
+    from PIL import Image
+
+    grey = ramp(rows=40, cols=40, high=255, dtype=np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    r = read_radiograph(write_dicom(tmp_path / "sc.dcm", rgb, modality="OT"), normalize=False)
+    assert torch.equal(r.image[0], torch.from_numpy(grey.astype(np.float32)))
+    assert any("grey pixels in colour channels" in s for s in r.steps)
+    rgb[0, :5] = (255, 0, 0)  # a red annotation mark: 5 of 1600 pixels
+    Image.fromarray(rgb).save(tmp_path / "annotated.png")
+    r = read_radiograph(tmp_path / "annotated.png", normalize=False)
+    assert any("5 coloured pixels" in s for s in r.steps)
+    rgb[:10, :, 0] = 255  # a quarter of the image coloured: a colour picture
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match="colour.png: is a colour image"):
+        read_radiograph(tmp_path / "colour.png")
