@@ -474,7 +474,21 @@ def _dicom_geometry(ds, px: _Pixels, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ other formats
-def _read_plain(path: Path) -> _Pixels:
+_PICTURE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _picture_format(path: Path) -> str | None:
+    """``"PNG"`` / ``"JPEG"`` / ``"TIFF"`` when the file starts with that format's signature, else None."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        for magic, name in _PICTURE_MAGIC:
+            if head.startswith(magic):
+                return name
+    return None
+
+
+def _read_plain(path: Path, picture: str | None = None) -> _Pixels:
     name = path.name.lower()
     if name.endswith(".pt"):
         from dataset.checkpoint import load_torch_file
@@ -490,7 +504,7 @@ def _read_plain(path: Path) -> _Pixels:
         values = x.numpy().astype(np.float64)
         return _Pixels(values, np.ones(values.shape, bool), f"tensor file, {values.shape[0]} x {values.shape[1]} pixels",
                        [f"read tensor ({values.shape[0]} x {values.shape[1]})"], photographic=False)
-    if name.endswith(IMAGE_SUFFIXES):
+    if name.endswith(IMAGE_SUFFIXES) or picture is not None:
         from PIL import Image, ImageOps
 
         with Image.open(path) as opened:
@@ -524,7 +538,7 @@ def _read_plain(path: Path) -> _Pixels:
                     raise ValueError(f"{path}: is a colour image (mode {mode}); expected a greyscale radiograph") from None
                 scale = 255.0
                 extra_steps.append(f"mode {mode}: {grey_step}")
-        kind = path.suffix.lstrip(".").upper()
+        kind = picture or path.suffix.lstrip(".").upper()
         source = f"{kind} image, mode {mode}, {arr.shape[0]} x {arr.shape[1]} pixels"
         px = _Pixels(arr if scale is None else arr / scale, np.ones(arr.shape, bool), source,
                      [f"read {source}", *extra_steps])
@@ -755,10 +769,16 @@ def read_radiograph(path: str | os.PathLike, view: str | None = None, ops: Seque
     bad_ops = [op for op in ops if op not in XRAY_OPS]
     if bad_ops:
         raise ValueError(f"X-ray ops {bad_ops} are invalid; expected some of {XRAY_OPS}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected an X-ray file (DICOM, .png/.jpg/.tif, 2-D .nii.gz or .pt)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; expected an X-ray (DICOM, .png/.jpg/.tif, 2-D .nii.gz or .pt)")
     try:
-        if is_dicom(path):
+        picture = _picture_format(path)
+        if picture is not None and not path.name.lower().endswith(IMAGE_SUFFIXES):
+            px = _read_plain(path, picture)  # a PNG / JPEG / TIFF under another name (e.g. .dcm)
+            px.steps.append(f"note: the file is a {picture} image despite its name")
+        elif is_dicom(path):
             px = _read_dicom(path)
         else:
             px = _read_plain(path)

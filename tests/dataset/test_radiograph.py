@@ -514,3 +514,16 @@ def test_grey_secondary_capture_in_rgb_is_read_as_grey_and_annotations_do_not_re
     Image.fromarray(rgb).save(tmp_path / "colour.png")
     with pytest.raises(ValueError, match="colour.png: is a colour image"):
         read_radiograph(tmp_path / "colour.png")
+
+
+def test_a_picture_under_a_dicom_name_is_read_as_the_picture_and_a_folder_is_named(tmp_path: Path) -> None:
+    from PIL import Image
+
+    grey = ramp(high=255, dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "x.png")
+    (tmp_path / "x.dcm").write_bytes((tmp_path / "x.png").read_bytes())
+    r = read_radiograph(tmp_path / "x.dcm", normalize=False)
+    assert torch.equal(r.image[0], torch.from_numpy(grey / 255.0).float())
+    assert any("is a PNG image despite its name" in s for s in r.steps)
+    with pytest.raises(ValueError, match="is a folder; expected an X-ray file"):
+        read_radiograph(tmp_path)
