@@ -169,8 +169,9 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: str |
     """``module.load_state_dict(state, strict=True)`` with a one-line "incompatible" error naming ``path``.
 
     Raises:
-        CheckpointError: missing, unexpected or differently shaped weights.
+        CheckpointError: missing, unexpected or differently shaped weights, or non-finite ones (a diverged run).
     """
+    check_finite_state(state, path)
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -180,6 +181,19 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: str |
                  (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
         raise CheckpointError(f"{path}: incompatible: its weights do not fit {what} ({'; '.join(parts)} tensors)")
     module.load_state_dict(dict(state), strict=True)
+
+
+def check_finite_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights with NaN or Inf values: a model that diverged produces NaN volumes without complaint.
+
+    Raises:
+        CheckpointError: naming ``path``, how many tensors are affected and the first of them.
+    """
+    bad = [k for k, t in state.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path}: holds non-finite weights ({len(bad)} of {len(state)} tensors, e.g. {bad[0]}); "
+                              "expected finite weights: the run that wrote it diverged, use an earlier checkpoint")
 
 
 def state_fingerprint(state: Mapping[str, torch.Tensor], config: Any = None) -> str:

@@ -28,6 +28,26 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CT_SUFFIXES = NIFTI_SUFFIXES + (".pt",)
 
 
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, before any work, an output path that cannot be written: an existing folder, a parent that is a
+    file, or a folder this process cannot write in (read-only file system, permissions).
+
+    Raises:
+        ValueError: one line naming ``path`` (``what`` says which output it is).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected a file name for the {what}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path}: {parent} is a file, not a folder; expected a folder for the {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write in {parent} (read-only file system or no permission); expected a "
+                         f"writable folder for the {what}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = "") -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path``; on success move it onto ``path`` with ``os.replace``.

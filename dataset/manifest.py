@@ -17,6 +17,11 @@ SPLITS = ("train", "val", "test")
 _FILE_PATTERN = r"\.(?:pt|pth|npy|npz|nii|nii\.gz|h5|png|json)$"
 
 
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` can name a file inside a folder: no path separators, not hidden, not ``.`` / ``..``."""
+    return bool(name) and not any(c in name for c in "/\\\0") and not name.startswith(".")
+
+
 def assign_splits(subject_ids: list[str], seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                   existing: dict[str, str] | None = None) -> dict[str, str]:
     """Seeded train/val/test assignment that never moves a subject once it has a split.
@@ -86,6 +91,10 @@ class Manifest:
         ids = frame["subject_id"]
         if (ids.str.strip() == "").any():
             raise ValueError(f"{path}: empty subject_id in rows {list(frame.index[ids.str.strip() == ''] + 2)}")
+        unsafe = [sid for sid in ids if not is_plain_name(sid)]
+        if unsafe:
+            raise ValueError(f"{path}: subject ids {unsafe[:5]} are invalid; expected plain names (no '/', '\\', "
+                             "'..' or leading '.'), since outputs are named after them")
         dup = sorted(set(ids[ids.duplicated()]))
         if dup:
             raise ValueError(f"{path}: duplicate subject ids {dup[:5]}")

@@ -645,6 +645,9 @@ def _normalise(px: _Pixels, normalize: bool) -> np.ndarray:
         raise ValueError("X-ray has no pixel left after masking padding and shutters")
     if normalize:
         lo_v, hi_v = float(inside.min()), float(inside.max())
+        if not hi_v > lo_v:  # a blank or constant image carries no anatomy, whatever its level
+            raise ValueError(f"X-ray has no contrast: every pixel of its exposed field equals {lo_v:g}; expected a "
+                             "radiograph")
         if px.unit_range or (not px.source.startswith("DICOM") and lo_v >= -1e-3 and hi_v <= 1 + 1e-3):
             values = np.clip(values, 0.0, 1.0)
         else:
@@ -842,7 +845,8 @@ def _geometry(px: _Pixels, path: Path, ops: Sequence[str], reversed_: bool, pixe
     if px.spacing is None:
         px.steps.extend(px.notes)
         if not px.source.startswith("tensor"):
-            px.steps.append("no pixel spacing known")
+            px.steps.append("no pixel spacing known" + ("; the distances are not used without one"
+                                                        if px.sdd is not None or px.sid is not None else ""))
         return None
     sdd_assumed = px.sdd is None
     if px.sdd is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dataset.checkpoint import CheckpointError, load_state, read_checkpoint
+from dataset.checkpoint import CheckpointError, check_finite_state, load_state, read_checkpoint
 from dataset.drr import DRRGeometry
 from ddpm.biflownet import BiFlowNet
 from ddpm.diffusion import Diffusion
@@ -89,6 +89,7 @@ def load_biflownet(
             raise ValueError(f"{path} is a LoRA fine-tuning checkpoint (adapters included); apply --adapter to "
                              f"its base {hp.get('init_from')} instead")
         wrapped = apply_lora(model, LoraSettings.from_dict(hp["lora"]))
+        check_finite_state(state, path)
         try:
             wrapped.load_state_dict(state)
         except RuntimeError as err:
@@ -103,6 +104,15 @@ def load_biflownet(
 
         model = load_adapter(model, adapter, network=hp["network"], merge=merge_adapter)
     sd = ckpt["state_dict"]
+    stats = {k: sd[k] for k in ("latent_mean", "latent_std")}
+    check_finite_state(stats, path)
+    expected = (1, model.in_channels, 1, 1, 1)
+    for k, v in stats.items():
+        if tuple(v.shape) != expected:
+            raise CheckpointError(f"{path}: incompatible: {k} has shape {tuple(v.shape)}; expected {expected} (one "
+                                  "value per latent channel)")
+    if not bool((stats["latent_std"] > 0).all()):
+        raise CheckpointError(f"{path}: incompatible: latent_std holds values <= 0; expected positive scales")
     xr = model.xray_encoder
     conditioning = {
         "num_classes": model.num_classes,

@@ -52,7 +52,7 @@ from dataset import (
     render_drr_pair,
 )
 from dataset.cli import OneLineParser, number, run_cli
-from dataset.io import atomic_write, atomic_write_json, atomic_write_text
+from dataset.io import atomic_write, atomic_write_json, atomic_write_text, check_writable
 from dataset.radiograph import read_radiograph
 from evaluation import metrics
 from evaluation.figures import mpr_figure
@@ -486,6 +486,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; expected a folder")
+    check_writable(out / "summary.json", "evaluation results")
     if (args.hu_min is None) != (args.hu_max is None):
         raise ValueError(f"--hu-min {args.hu_min} / --hu-max {args.hu_max}: give both or neither")
     info = _dataset_info(args)

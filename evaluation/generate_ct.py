@@ -31,9 +31,10 @@ import torch
 from tqdm import tqdm
 
 from dataset import Manifest, write_nifti
+from dataset.io import check_writable
 from dataset.cli import OneLineParser, number, run_cli
 from dataset.drr import RENDERERS
-from evaluation.generation import SAMPLERS, CTGenerator
+from evaluation.generation import SAMPLERS, CTGenerator, parse_device
 from evaluation.projection_guidance import DEFAULT_GUIDANCE, GuidanceSettings
 from evaluation.xray_inputs import (XrayOptions, add_xray_arguments, check_side_outputs, intensity_reference,
                                     manifest_geometries, prepare_pair, sample_kwargs, save_preview, sidecar,
@@ -60,17 +61,34 @@ def check_outputs(paths: Sequence[Path], overwrite: bool) -> None:
             raise ValueError(f"{p}: output must be a .nii or .nii.gz file")
         if p.exists() and not overwrite:
             raise FileExistsError(f"{p}: already exists; pass --overwrite to replace it")
+        check_writable(p)
 
 
 def write_generation(gen: CTGenerator, volumes: torch.Tensor, output: Path) -> dict[str, Path]:
-    """Write the mean (and, for K > 1, std and samples) of ``(K, 1, D, H, W)`` volumes in [-1, 1] as HU NIfTI."""
+    """Write the mean (and, for K > 1, std and samples) of ``(K, 1, D, H, W)`` volumes in [-1, 1] as HU NIfTI.
+
+    Non-finite volumes are refused before anything is written, and a set that fails part way is removed
+    (each file is written atomically, and the set is all or nothing).
+    """
+    bad = int((~torch.isfinite(volumes)).sum())
+    if bad:
+        raise ValueError(f"{output}: the generated volume has {bad} NaN or Inf voxels; nothing written (expected a "
+                         "finite CT: the model or its inputs give non-finite values)")
     paths = output_paths(output, volumes.shape[0])
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_nifti(gen.to_hu_image(volumes.mean(dim=0)), paths["mean"])
+    jobs = [(paths["mean"], lambda: gen.to_hu_image(volumes.mean(dim=0)))]
     if volumes.shape[0] > 1:
-        write_nifti(gen.std_hu_image(volumes), paths["std"])
-        for k in range(volumes.shape[0]):
-            write_nifti(gen.to_hu_image(volumes[k]), paths[f"sample{k}"])
+        jobs.append((paths["std"], lambda: gen.std_hu_image(volumes)))
+        jobs += [(paths[f"sample{k}"], lambda k=k: gen.to_hu_image(volumes[k])) for k in range(volumes.shape[0])]
+    written: list[Path] = []
+    try:
+        for path, image in jobs:
+            write_nifti(image(), path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return paths
 
 
@@ -93,7 +111,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_generator(args: argparse.Namespace) -> CTGenerator:
     """The :class:`CTGenerator` that :func:`add_model_arguments`' options describe."""
-    return CTGenerator.from_checkpoints(args.checkpoint, args.autoencoder, args.device,
+    return CTGenerator.from_checkpoints(args.checkpoint, args.autoencoder, parse_device(args.device),
                                         bf16=False if args.fp32 else None, adapter=args.adapter)
 
 
@@ -218,11 +236,12 @@ def generate(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.checkpoint} is class-conditional ({gen.num_classes} classes): pass --label L")
         print("\n".join(f"{name}: {step}" for step in pair.steps))
         inputs.append((name, pair, label if gen.num_classes > 0 else None, out))
-        if args.preview is not None and len(inputs) == 1:
-            save_preview(args.preview, pair, reference, title=f"{name}: the X-rays as the model receives them")
-            print(f"{name}: preview {args.preview}")
         if out is None:
             break  # preview only: nothing else to read
+    if args.preview is not None:  # written once every input has passed its checks
+        name, pair = inputs[0][:2]
+        save_preview(args.preview, pair, reference, title=f"{name}: the X-rays as the model receives them")
+        print(f"{name}: preview {args.preview}")
     generator = torch.Generator().manual_seed(args.seed)
     todo = [job for job in inputs if job[3] is not None]
     for name, pair, label, out in tqdm(todo, desc="generate", disable=args.no_progress or len(todo) <= 1):

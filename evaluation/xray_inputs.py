@@ -61,6 +61,11 @@ class XrayOptions:
             if view not in VIEWS or not set(values) <= set(PER_VIEW):
                 raise ValueError(f"per-view X-ray options {view}: {sorted(values)} are invalid; expected views "
                                  f"{VIEWS} with some of {PER_VIEW}")
+        for view in VIEWS:  # the distances that would apply to a file carrying none
+            sdd, sid = self.of(view).get("sdd", self.sdd), self.of(view).get("sid", self.sid)
+            if sdd is not None and sid is not None and not sdd > sid:
+                raise ValueError(f"{view}: SDD {sdd:g} mm must exceed the source-isocentre distance {sid:g} mm "
+                                 "(--sdd / --sid and their per-view forms)")
 
     def of(self, view: str) -> dict:
         """The values given for ``view`` alone (they replace the file's)."""
@@ -216,6 +221,8 @@ def prepare_pair(ap_path: str | os.PathLike, lat_path: str | os.PathLike, xray_s
         :class:`XrayInputs` whose images have the model's detector size, in [0, 1].
     """
     rows, cols = (int(s) for s in xray_size)
+    if Path(ap_path).resolve() == Path(lat_path).resolve():
+        raise ValueError(f"{ap_path}: given as both the AP and the lateral X-ray; expected two different views")
     read, model_views = {}, {}
     for view, path, ops in (("AP", ap_path, options.ap_ops), ("LAT", lat_path, options.lat_ops)):
         model_view = model_geometry.view(view) if model_geometry is not None else None
@@ -237,6 +244,9 @@ def prepare_pair(ap_path: str | os.PathLike, lat_path: str | os.PathLike, xray_s
             r = replace(r, geometry=None, steps=r.steps + ("the model records no training geometry: the pixel "
                                                            "spacing cannot be used",))
         read[view], model_views[view] = r, model_view
+    if read["AP"].image.shape == read["LAT"].image.shape and torch.equal(read["AP"].image, read["LAT"].image):
+        raise ValueError(f"{ap_path} and {lat_path}: the AP and lateral images are identical; expected two "
+                         "different views of one patient")
     # two images without a pixel spacing are taken from one detector: one scale fits the larger field of both
     fit = None
     if all(r.geometry is None for r in read.values()):
@@ -292,9 +302,12 @@ def check_side_outputs(sidecars: Sequence[Path], preview: Path | None, overwrite
     """Refuse existing sidecars / preview (unless ``overwrite``) and a preview name that is not ``.png``, before any work."""
     if preview is not None and preview.suffix.lower() != ".png":
         raise ValueError(f"--preview {preview}: expected a .png file name")
+    from dataset.io import check_writable
+
     for path in [*sidecars, *([preview] if preview is not None else [])]:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path}: already exists; pass --overwrite to replace it")
+        check_writable(path, "preview" if path == preview else "sidecar")
 
 
 def write_sidecar(output: str | os.PathLike, inputs: XrayInputs, extra: Mapping | None = None) -> Path:

@@ -57,6 +57,9 @@ def test_extra_latent_column_is_resolved(copied: Path) -> None:
         (lambda f: pd.concat([f, f.iloc[:1]]), "duplicate subject ids"),
         (lambda f: f.assign(split=["train"] * (len(f) - 1) + ["holdout"]), "unknown split"),
         (lambda f: f.assign(label=["a"] * len(f)), "non-integers"),
+        # outputs are named after the ids: a path in an id would write outside the output folder
+        (lambda f: f.assign(subject_id=["../../evil"] + list(f["subject_id"][1:])), r"subject ids \['\.\./\.\./evil'\]"),
+        (lambda f: f.assign(subject_id=["a/b"] + list(f["subject_id"][1:])), "expected plain names"),
     ],
 )
 def test_bad_manifest(copied: Path, edit, match: str) -> None:

@@ -220,3 +220,11 @@ def test_nested_dicom_tree_suggests_convert_dicom(tmp_path: Path, capsys) -> Non
     assert main(["--input", str(tmp_path / "tree"), "--out", str(tmp_path / "out"), *ARGS]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no CTs" in err[0] and "python -m dataset.convert_dicom" in err[0]
+
+
+def test_bad_split_fractions_are_refused_before_any_subject_is_written(tmp_path: Path, capsys) -> None:
+    raw = _raw(tmp_path / "raw", 3)
+    out = tmp_path / "out"
+    assert main(["--input", str(raw), "--out", str(out), *ARGS, "--split", "0", "0", "0"]) == 2
+    assert "split fractions (0.0, 0.0, 0.0) are invalid" in capsys.readouterr().err
+    assert not out.exists()

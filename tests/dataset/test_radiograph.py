@@ -267,7 +267,7 @@ def test_same_geometry_is_the_identity() -> None:
 def test_without_spacing_the_image_is_fitted_keeping_its_aspect(tmp_path: Path) -> None:
     from PIL import Image
 
-    Image.fromarray(np.full((20, 40), 200, np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(np.linspace(100, 200, 20 * 40).reshape(20, 40).astype(np.uint8)).save(tmp_path / "x.png")
     model = ViewGeometry(1500, 1000, (16, 16), (2.0, 2.0))
     out = to_detector(read_radiograph(tmp_path / "x.png", view="AP"), model)
     assert out.image.shape == (1, 16, 16) and out.geometry == model
@@ -527,3 +527,10 @@ def test_a_picture_under_a_dicom_name_is_read_as_the_picture_and_a_folder_is_nam
     assert any("is a PNG image despite its name" in s for s in r.steps)
     with pytest.raises(ValueError, match="is a folder; expected an X-ray file"):
         read_radiograph(tmp_path)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_a_blank_or_constant_xray_is_refused(tmp_path: Path, value: float) -> None:
+    torch.save(torch.full((1, 8, 8), value), tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=f"x.pt: X-ray has no contrast: every pixel of its exposed field equals {value:g}"):
+        read_radiograph(tmp_path / "x.pt")

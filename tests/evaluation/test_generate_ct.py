@@ -203,7 +203,9 @@ def test_bad_pixel_spacing_option_is_refused(spacing, checkpoints, pair, tmp_pat
 
 def test_xrays_of_another_size_are_fitted_with_a_warning(checkpoints, tmp_path, capsys):
     small = bad_xray(tmp_path, "small")
-    code = generate_ct.main([str(a) for a in ["--checkpoint", checkpoints["xray"], "--ap", small, "--lat", small,
+    other = tmp_path / "small_lat.pt"
+    torch.save(torch.load(small).flip(-1), other)  # a second view of the same size
+    code = generate_ct.main([str(a) for a in ["--checkpoint", checkpoints["xray"], "--ap", small, "--lat", other,
                                               "--output", tmp_path / "ct.nii.gz", "--num-inference-steps", 1]])
     out = capsys.readouterr().out
     assert code == 0
@@ -363,3 +365,67 @@ def test_broken_checkpoints_are_one_line_and_never_run_code(kind, needle, checkp
         line = _one_line(err)
         assert code == 2 and str(bad) in line and needle in line
     assert not marker.exists() and not (tmp_path / "ct.nii.gz").exists()
+
+
+def test_one_file_or_identical_images_for_both_views_are_refused(checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(Path(ap).read_bytes())
+    for second, message in ((ap, "given as both the AP and the lateral X-ray"),
+                            (copy, "the AP and lateral images are identical")):
+        code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", second,
+                                          "--output", tmp_path / "ct.nii.gz", "--num-inference-steps", 1], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ct.nii.gz").exists()
+
+
+@pytest.mark.parametrize("value,message", [("bogus", "--device 'bogus' is invalid; expected cpu, cuda or cuda:N"),
+                                           ("meta", "--device 'meta' is invalid"),
+                                           ("cuda:7", "--device 'cuda:7'")])
+def test_device_is_checked_before_loading(checkpoints, pair, tmp_path, capsys, value, message):
+    if value.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    ap, lat, _ = pair
+    code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat, "--output",
+                                      tmp_path / "ct.nii.gz", "--num-inference-steps", 1, "--device", value], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_or_misplaced_outputs_are_refused_before_sampling(checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.nii.gz").mkdir()
+    cases = [(tmp_path / "afile" / "ct.nii.gz", "afile is a file, not a folder"),
+             (tmp_path / "adir.nii.gz", "is a folder; expected a file name")]
+    for output, message in cases:
+        code, err = run_cli(generate_ct, ["--checkpoint", checkpoints["xray"], "--ap", ap, "--lat", lat, "--output",
+                                          output, "--num-inference-steps", 1, "--overwrite"], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_non_finite_weights_are_refused_and_nothing_is_written(checkpoints, pair, tmp_path, capsys):
+    ap, lat, _ = pair
+    ckpt = torch.load(checkpoints["xray"], map_location="cpu", weights_only=False)
+    weight = next(k for k, v in ckpt["state_dict"].items() if k.startswith("ema_model.") and v.is_floating_point())
+    for name, value, message in ((weight, float("nan"), "holds non-finite weights"),
+                                 ("latent_std", float("inf"), "holds non-finite weights"),
+                                 ("latent_mean", None, "latent_mean has shape (1,)")):
+        broken = {**ckpt, "state_dict": dict(ckpt["state_dict"])}
+        old = broken["state_dict"][name]
+        broken["state_dict"][name] = torch.full_like(old, value) if value is not None else torch.zeros(1)
+        bad = tmp_path / "bad.ckpt"
+        torch.save(broken, bad)
+        code, err = run_cli(generate_ct, ["--checkpoint", bad, "--ap", ap, "--lat", lat, "--output",
+                                          tmp_path / "ct.nii.gz", "--num-inference-steps", 1], capsys)
+        assert code == 2 and message in err and str(bad) in err, (name, err)
+        assert not (tmp_path / "ct.nii.gz").exists()
+
+
+def test_non_finite_volumes_are_not_written(tmp_path):
+    from evaluation.generate_ct import write_generation
+
+    volumes = torch.zeros(2, 1, 4, 4, 4)
+    volumes[1, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN or Inf voxels; nothing written"):
+        write_generation(None, volumes, tmp_path / "ct.nii.gz")
+    assert not any(tmp_path.iterdir())

@@ -213,3 +213,10 @@ def test_a_pair_without_pixel_spacing_shares_one_scale(tmp_path: Path) -> None:
     width = {v: float((r.image[0] > 0.3).any(0).sum()) for v, r in (("AP", pair_in.ap), ("LAT", pair_in.lat))}
     assert width["AP"] == width["LAT"] == pytest.approx(20 * 20 / 50, abs=1)  # both at the AP's 2.5 px per pixel
     assert any("scale shared with the other view" in s for s in pair_in.lat.steps)
+
+
+def test_impossible_distances_are_refused_even_without_a_pixel_spacing() -> None:
+    with pytest.raises(ValueError, match="AP: SDD 500 mm must exceed the source-isocentre distance 1000 mm"):
+        XrayOptions(sdd=500, sid=1000)
+    with pytest.raises(ValueError, match="LAT: SDD 900 mm must exceed"):
+        XrayOptions(sid=1000, views={"LAT": {"sdd": 900}})
