@@ -407,7 +407,10 @@ class DRRGeometry:
         Raises:
             ValueError: a column that is not a number, or a resulting geometry that is invalid.
         """
+        sid = row.get("subject_id", None) if hasattr(row, "get") else None
+        where = f"subject {sid}: " if sid is not None else ""
         t = default.to_tensor()
+        given = []
         for i, view in enumerate(VIEWS):
             for j, name in enumerate(VIEW_PARAMS):
                 key = f"{view.lower()}_{name}"
@@ -417,10 +420,15 @@ class DRRGeometry:
                 try:
                     t[i, j] = float(value)
                 except (TypeError, ValueError):
-                    raise ValueError(f"manifest column {key}={value!r} is not a number") from None
+                    raise ValueError(f"{where}manifest column {key}={value!r} is not a number") from None
                 if not math.isfinite(float(t[i, j])):
-                    raise ValueError(f"manifest column {key}={value!r} is not finite")
-        return cls.from_tensor(t, default.wet_scale_mm)
+                    raise ValueError(f"{where}manifest column {key}={value!r} is not finite")
+                given.append(key)
+        try:
+            return cls.from_tensor(t, default.wet_scale_mm)
+        except ValueError as e:
+            raise ValueError(f"{where}manifest geometry columns ({', '.join(given) or 'none'}) give an invalid "
+                             f"geometry: {e}") from None
 
 
 def attenuation(volume_unit: torch.Tensor, window: HUWindow) -> torch.Tensor:

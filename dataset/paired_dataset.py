@@ -48,10 +48,7 @@ class PairedDataset(Dataset):
         if geometry is not None:  # read and checked once, here, so a bad column names its subject up front
             self.geometries = []
             for _, row in self.frame.iterrows():
-                try:
-                    self.geometries.append(DRRGeometry.from_columns(row, geometry).to_tensor(torch.float32))
-                except ValueError as e:
-                    raise ValueError(f"subject {row['subject_id']}: geometry columns: {e}") from None
+                self.geometries.append(DRRGeometry.from_columns(row, geometry).to_tensor(torch.float32))
 
     def __len__(self) -> int:
         return len(self.frame)

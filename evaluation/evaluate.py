@@ -166,7 +166,10 @@ def find_pairs(
                  for sid, a, b in zip(frame["subject_id"], frame["ap"], frame["lat"])}
         default = DatasetInfo.load(ref.parent).geometry if (ref.parent / "dataset.json").is_file() else None
         if default is not None and set(default.to_columns()) & set(frame.columns):  # per-case geometry columns
-            geometries = {row["subject_id"]: DRRGeometry.from_columns(row, default) for _, row in frame.iterrows()}
+            try:
+                geometries = {row["subject_id"]: DRRGeometry.from_columns(row, default) for _, row in frame.iterrows()}
+            except ValueError as e:
+                raise ValueError(f"{ref}: {e}") from None
         missing_pred = sorted(set(refs) - set(preds))
         if missing_pred:
             raise ValueError(

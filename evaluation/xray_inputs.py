@@ -287,7 +287,10 @@ def manifest_geometries(manifest: str | os.PathLike, frame) -> dict[str, DRRGeom
     default = DatasetInfo.load(info_path).geometry
     if default is None:
         return {}
-    return {str(row["subject_id"]): DRRGeometry.from_columns(row, default) for _, row in frame.iterrows()}
+    try:
+        return {str(row["subject_id"]): DRRGeometry.from_columns(row, default) for _, row in frame.iterrows()}
+    except ValueError as e:
+        raise ValueError(f"{manifest}: {e}") from None
 
 
 def sidecar(output: str | os.PathLike) -> Path:

@@ -190,5 +190,11 @@ def test_batches_carry_each_pairs_geometry(jittered: Path, tiny_prepared_dataset
     frame.loc[0, "lat_angle"] = "tilted"
     shutil.copy(jittered.parent / "dataset.json", copy / "dataset.json")
     frame.to_csv(copy / "manifest.csv", index=False)
-    with pytest.raises(ValueError, match=rf"subject {frame.loc[0, 'subject_id']}: geometry columns: .*lat_angle='tilted'"):
+    with pytest.raises(ValueError, match=rf"subject {frame.loc[0, 'subject_id']}: manifest column lat_angle='tilted'"):
+        PairedDataModule(copy / "manifest.csv", load=("ap",)).setup("fit")
+    # a value that makes an impossible geometry names its subject and columns as well
+    frame.loc[0, "lat_angle"] = "0"
+    frame.loc[0, "ap_sdd"] = "-5"
+    frame.to_csv(copy / "manifest.csv", index=False)
+    with pytest.raises(ValueError, match=rf"subject {frame.loc[0, 'subject_id']}: manifest geometry columns \(.*ap_sdd"):
         PairedDataModule(copy / "manifest.csv", load=("ap",)).setup("fit")
