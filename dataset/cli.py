@@ -312,7 +312,34 @@ class _NoInterruptTraceback(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, SystemExit)))
 
 
+def parse_device(value, option: str = "--device"):
+    """The ``torch.device`` a command runs on: ``None`` = CUDA when available, else the CPU; else ``cpu`` or a
+    ``cuda[:N]`` that exists.
+
+    Raises:
+        ValueError: one line naming ``option``: not a device, another kind, or a CUDA device this machine lacks.
+    """
+    import torch
+
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{option} {value!r} is invalid; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {value!r} is invalid; expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{option} {value!r}: no CUDA device is available here; expected cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{option} {value!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return device
+
+
 __all__ = [
     "BAD_INPUT", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_OK",
-    "OneLineParser", "TaskExit", "check_range", "exit_code_of", "hydra_entry", "hydra_task", "number", "one_line", "quiet_libraries", "run_cli",
+    "OneLineParser", "TaskExit", "check_range", "exit_code_of", "hydra_entry", "hydra_task", "number", "one_line", "parse_device", "quiet_libraries",
+    "run_cli",
 ]

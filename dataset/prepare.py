@@ -39,7 +39,7 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
-from dataset.cli import OneLineParser, number, run_cli
+from dataset.cli import OneLineParser, number, parse_device, run_cli
 from dataset.dataset_info import FILE_NAME, DatasetInfo
 from dataset.drr import MAX_ANGLE, VIEWS, DRRGeometry, render_drr_pair
 from dataset.intensity import HUWindow
@@ -531,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = [(sid, lambda p=path: read_ct(p, pt_spacing=pt_spacing)) for sid, path in sources]
         summary = prepare_dataset(items, args.out, pre, geometry, args.seed, tuple(args.split), labels,
                                   extra_info={"source": str(args.input.resolve())}, progress=not args.no_progress,
-                                  device=args.device, jitter=jitter)
+                                  device=parse_device(args.device), jitter=jitter)
         return summary.report(parser.prog)
 
     return run_cli(parser.prog, work)

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from dataset import Manifest, write_nifti
 from dataset.io import check_writable
-from dataset.cli import OneLineParser, number, run_cli
+from dataset.cli import OneLineParser, number, parse_device, run_cli
 from dataset.drr import RENDERERS
-from evaluation.generation import SAMPLERS, CTGenerator, parse_device
+from evaluation.generation import SAMPLERS, CTGenerator
 from evaluation.projection_guidance import DEFAULT_GUIDANCE, GuidanceSettings
 from evaluation.xray_inputs import (XrayOptions, add_xray_arguments, check_side_outputs, intensity_reference,
                                     manifest_geometries, prepare_pair, sample_kwargs, save_preview, sidecar,

@@ -32,29 +32,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def parse_device(value: str | torch.device | None, option: str = "--device") -> torch.device:
-    """The device a generation runs on: ``None`` = :func:`default_device`; else ``cpu`` or ``cuda[:N]`` that exists.
-
-    Raises:
-        ValueError: one line naming ``option``: not a device, another kind, or a CUDA device this machine lacks.
-    """
-    if value is None:
-        return default_device()
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"{option} {value!r} is invalid; expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{option} {value!r} is invalid; expected cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"{option} {value!r}: no CUDA device is available here; expected cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"{option} {value!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
-    return device
-
-
 @dataclass
 class CTGenerator:
     """A BiFlowNet + autoencoder pair that turns (X-rays, label) into CT volumes.

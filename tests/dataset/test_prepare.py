@@ -228,3 +228,12 @@ def test_bad_split_fractions_are_refused_before_any_subject_is_written(tmp_path:
     assert main(["--input", str(raw), "--out", str(out), *ARGS, "--split", "0", "0", "0"]) == 2
     assert "split fractions (0.0, 0.0, 0.0) are invalid" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_bad_device_is_refused_before_any_subject_is_read(tmp_path: Path, capsys) -> None:
+    raw = _raw(tmp_path / "raw", 3)
+    out = tmp_path / "out"
+    assert main(["--input", str(raw), "--out", str(out), *ARGS, "--device", "bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--device 'bogus' is invalid; expected cpu, cuda or cuda:N" in err and len(err.splitlines()) == 1
+    assert not out.exists()
