@@ -39,7 +39,7 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
-from dataset.cli import OneLineParser, number, parse_device, run_cli
+from dataset.cli import OneLineParser, number, one_line, parse_device, run_cli
 from dataset.dataset_info import FILE_NAME, DatasetInfo
 from dataset.drr import MAX_ANGLE, VIEWS, DRRGeometry, render_drr_pair
 from dataset.intensity import HUWindow
@@ -382,7 +382,7 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
             facts = write_subject(sid, paths)
         except Exception as e:  # one bad subject must not stop the others; the reason is reported
             _remove_partial(paths)
-            summary.failed[sid] = f"{type(e).__name__}: {e}"
+            summary.failed[sid] = f"{type(e).__name__}: {one_line(e)}"  # library messages can span many lines
             continue
         if frame_info is not None and isinstance(facts, dict) and _PER_SUBJECT in facts:
             frame_info[_PER_SUBJECT][sid] = facts[_PER_SUBJECT]
