@@ -16,6 +16,7 @@ from torch import nn
 from AutoEncoder.adversarial import adaptive_weight, build_discriminator, hinge_d_loss, hinge_g_loss
 from AutoEncoder.patch_volume_autoencoder import PatchVolumeAutoencoder
 from AutoEncoder.perceptual_loss import PerceptualLoss
+from dataset.cli import check_range
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -30,6 +31,24 @@ DEFAULT_LOSS: dict[str, Any] = {
     "adaptive_weight": True,
     "discriminator": {"channels": 64, "num_layers": 3, "norm": "INSTANCE"},
 }
+
+
+#: loss weights: finite and >= 0 (0 switches a term off)
+LOSS_WEIGHTS = ("l1_weight", "commitment_weight", "kl_weight", "perceptual_weight", "gan_weight")
+PERCEPTUAL_MODES = ("3d", "triplane")
+
+
+def check_loss(loss: dict[str, Any]) -> None:
+    """Refuse loss settings that would train silently wrong: NaN / negative weights, an unknown perceptual mode, a
+    negative GAN start (``ValueError`` naming ``loss.<key>``)."""
+    for key in LOSS_WEIGHTS:
+        check_range(loss[key], f"loss.{key}", min=0)
+    mode = loss["perceptual"].get("mode")
+    if mode not in PERCEPTUAL_MODES:
+        raise ValueError(f"loss.perceptual.mode={mode!r} is invalid; expected one of {', '.join(PERCEPTUAL_MODES)}")
+    start = loss["discriminator_iter_start"]
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"loss.discriminator_iter_start={start!r} is invalid; expected an integer >= 0")
 
 
 def mpr_grid(volume: torch.Tensor) -> torch.Tensor:
@@ -121,9 +140,11 @@ class PatchVolumeModule(L.LightningModule):
                              "non-negative step counts")
         if not 0.0 <= lr_min_ratio <= 1.0:
             raise ValueError(f"lr_min_ratio={lr_min_ratio}; expected a fraction in [0, 1]")
+        check_range(grad_clip, "grad_clip", min=0)
         merged = {**DEFAULT_LOSS, **(loss or {})}
         merged["perceptual"] = {**DEFAULT_LOSS["perceptual"], **(merged.get("perceptual") or {})}
         merged["discriminator"] = {**DEFAULT_LOSS["discriminator"], **(merged.get("discriminator") or {})}
+        check_loss(merged)
         self.save_hyperparameters(
             {"autoencoder": dict(autoencoder), "loss": merged, "stage": stage, "stage1_checkpoint": stage1_checkpoint,
              "grad_clip": grad_clip, "grad_clip_algorithm": grad_clip_algorithm,

@@ -5,7 +5,7 @@ Exit codes (also in CLAUDE.md):
 - 0: done.
 - 2: bad input: a bad argument or config value, a missing / corrupt / wrong-kind file, NaN, wrong
   shape. One line on stderr, ``prog: error: ...``, and nothing half-written.
-- 3: training stopped by a non-finite loss (the last good checkpoint is kept).
+- 3: training stopped by a non-finite loss or non-finite weights (never checkpointed; the last good checkpoint is kept and named).
 - 130: interrupted (Ctrl-C), one line, no traceback.
 - 1: an internal error (a bug): one line naming the exception; ``XRAY2CT_TRACEBACK=1`` shows the traceback.
 

@@ -198,9 +198,10 @@ class BiFlowNetModule(L.LightningModule):
         loss = self.diffusion.training_loss(lambda x, t: self.model(x, t, drop=drop, **cond), z)
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if not finite:
+            # step N is the N-th optimiser step (global_step counts the finished ones), as in checkpoint names
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopping. "
-                "The last good checkpoint is kept; lower the learning rate or check the latents."
+                f"non-finite training loss ({loss.item()}) at step {self.global_step + 1}; stopping without "
+                "checkpointing it; lower the learning rate or check the latents"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
         return loss

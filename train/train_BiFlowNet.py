@@ -25,8 +25,10 @@ from ddpm.loading import read_network_config
 from ddpm.memory import grad_checkpointing_for
 from dataset.xray_harmonization import IntensityReference
 from ddpm.preflight import check_training_inputs, read_latent_stats
-from train.common import (ProgressReport, RunState, build_trainer, check_resume, configure_threads, data_identity,
-                          instantiate, instantiate_group, resolve_ckpt_path, save_run_config)
+from dataset.checkpoint import read_checkpoint
+from train.common import (FiniteWeights, ProgressReport, RunConfigWriter, RunState, build_trainer,
+                          check_finite_checkpoint, check_resume, check_run_config, config_int, configure_threads,
+                          data_identity, instantiate, instantiate_group, resolve_ckpt_path)
 
 PROG = "python -m train.train_BiFlowNet"
 
@@ -72,9 +74,16 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     ``callbacks`` are added to the configured ones (``train.tune`` passes its trial reporter here).
     """
     configure_threads(cfg.get("threads", "auto"))
+    check_run_config(cfg)
+    global_batch = config_int(cfg.global_batch_size, "global_batch_size", min=1)
+    timesteps = config_int(cfg.process.get("num_train_timesteps"), "process.num_train_timesteps", min=1)
+    config_int(cfg.module.get("val_sample_steps", 0), "module.val_sample_steps", min=0, max=timesteps,
+               hint=" (process.num_train_timesteps at most)")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     world = world_size(cfg.trainer)
     if cfg.get("init_from"):
+        check_finite_checkpoint(read_checkpoint(cfg.init_from, "biflownet", mmap=True), f"init_from={cfg.init_from}",
+                                "expected a trained BiFlowNet checkpoint with finite weights", keys=("state_dict",))
         # fine-tuning: the base checkpoint defines the architecture; only runtime settings come from the config
         base_net = read_network_config(cfg.init_from)
         base_net["grad_checkpointing"] = cfg.network.get("grad_checkpointing", False)
@@ -87,7 +96,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     if stats is not None:  # every latent must come from the autoencoder the statistics name
         check_latent_origin(Manifest.load(cfg.data.manifest, check_files=False).frame["latent"], stats, cfg.latent_stats)
     identity = data_identity(cfg.data.manifest, {"latent_autoencoder": stats.ae_fingerprint if stats else None})
-    batch = per_rank_batch(int(cfg.global_batch_size), world, identity["train_subjects"],
+    batch = per_rank_batch(global_batch, world, identity["train_subjects"],
                            bool(cfg.data.get("drop_last", False)), cfg.data.manifest)
 
     strategy = cfg.trainer.get("strategy")
@@ -120,10 +129,9 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
         from ddpm.lora import describe_counts
 
         print(describe_counts(trainable, total), flush=True)
-    callbacks = [*instantiate_group(cfg, "callbacks"), RunState(identity, int(cfg.seed)), ProgressReport(checkpoint_dir), *callbacks]
+    callbacks = [*instantiate_group(cfg, "callbacks"), RunState(identity, int(cfg.seed)), FiniteWeights(ckpt_path),
+                 ProgressReport(checkpoint_dir), RunConfigWriter(cfg, cfg.paths.output_dir), *callbacks]
     trainer = build_trainer(cfg.trainer, callbacks, instantiate_group(cfg, "logger"))
-    if trainer.is_global_zero:
-        save_run_config(cfg, cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {
         "global_step": trainer.global_step,
@@ -138,7 +146,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
 
 @hydra.main(config_path="../config", config_name="train_BiFlowNet", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra wrapper: bad input -> one line on stderr, exit 2; non-finite loss -> exit 3; Ctrl-C -> 130."""
+    """Hydra wrapper: bad input -> one line on stderr, exit 2; non-finite loss or weights -> exit 3; Ctrl-C -> 130."""
     quiet_libraries()
     hydra_task(PROG, lambda: run(cfg) and None, output_dir=cfg.paths.output_dir)
 

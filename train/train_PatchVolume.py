@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from dataset import DatasetInfo
 from dataset.checkpoint import read_checkpoint
 from dataset.cli import hydra_entry, hydra_task, quiet_libraries
-from train.common import (ProgressReport, RunState, build_trainer, check_resume, configure_threads, data_identity,
-                          instantiate, instantiate_group, resolve_ckpt_path, save_run_config)
+from train.common import (FiniteWeights, ProgressReport, RunConfigWriter, RunState, build_trainer,
+                          check_finite_checkpoint, check_resume, check_run_config, config_int, configure_threads,
+                          data_identity, instantiate, instantiate_group, resolve_ckpt_path)
 
 PROG = "python -m train.train_PatchVolume"
 
@@ -29,6 +30,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     ``callbacks`` are added to the configured ones (``train.tune`` passes its trial reporter here).
     """
     configure_threads(cfg.get("threads", "auto"))
+    check_run_config(cfg)
+    config_int(cfg.data.get("batch_size"), "data.batch_size", min=1)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
@@ -41,7 +44,11 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
     if cfg.stage == 2:
         if not cfg.resume_from_checkpoint:
             raise ValueError("stage=2 needs resume_from_checkpoint=<stage-1 checkpoint (.ckpt)>")
-        read_checkpoint(cfg.resume_from_checkpoint, "autoencoder", mmap=True)  # one line for a bad file, before any work
+        # one line for a bad file, before any work
+        check_finite_checkpoint(read_checkpoint(cfg.resume_from_checkpoint, "autoencoder", mmap=True),
+                                f"resume_from_checkpoint={cfg.resume_from_checkpoint}",
+                                "expected a stage-1 checkpoint with finite weights (an earlier one of that run)",
+                                keys=("state_dict",))
     info = DatasetInfo.load(manifest.parent).to_dict() if (manifest.parent / "dataset.json").is_file() else None
 
     checkpoint_dir = Path(cfg.callbacks.checkpoint.dirpath)
@@ -54,14 +61,13 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, dataset_info=info)
-    callbacks = [*instantiate_group(cfg, "callbacks"), RunState(identity, int(cfg.seed)), ProgressReport(checkpoint_dir), *callbacks]
+    callbacks = [*instantiate_group(cfg, "callbacks"), RunState(identity, int(cfg.seed)), FiniteWeights(ckpt_path),
+                 ProgressReport(checkpoint_dir), RunConfigWriter(cfg, cfg.paths.output_dir), *callbacks]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("strategy") == "ddp":
         # G and D are stepped by separate backward passes, each leaving the other network's parameters unused
         trainer_cfg["strategy"] = "ddp_find_unused_parameters_true"
     trainer = build_trainer(trainer_cfg, callbacks, instantiate_group(cfg, "logger"))
-    if trainer.is_global_zero:
-        save_run_config(cfg, cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {
         "global_step": trainer.global_step,
@@ -74,7 +80,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict:
 
 @hydra.main(config_path="../config", config_name="train_PatchVolume", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra wrapper: bad input -> one line on stderr, exit 2; Ctrl-C -> 130."""
+    """Hydra wrapper: bad input -> one line on stderr, exit 2; non-finite weights -> exit 3; Ctrl-C -> 130."""
     quiet_libraries()
     hydra_task(PROG, lambda: run(cfg) and None, output_dir=cfg.paths.output_dir)
 

@@ -333,6 +333,7 @@ def _close_wandb() -> None:
 
 def _objective(job: TuneJob, study: optuna.Study, trial: optuna.Trial) -> float:
     from ddpm.biflownet_module import NonFiniteLossError
+    from train.common import NonFiniteWeightsError
 
     n = trial.number
     out_dir = job.tune_dir / f"trial_{n}"
@@ -350,7 +351,7 @@ def _objective(job: TuneJob, study: optuna.Study, trial: optuna.Trial) -> float:
         result = run(cfg, callbacks=[reporter])
     except optuna.TrialPruned:
         raise
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, NonFiniteWeightsError) as e:
         trial.set_user_attr("pruned_reason", str(e))
         raise optuna.TrialPruned(str(e)) from e
     except (ValueError, FileNotFoundError):
