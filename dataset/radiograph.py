@@ -161,23 +161,14 @@ def _show(value) -> str:
     return one(value)
 
 
-def _positive(value, name: str, source: str) -> float:
+def _positive(value, name: str, source: str, expected: str = "distance in mm") -> float:
+    """A positive finite number, else ``ValueError`` naming ``name`` and the ``expected`` kind of value."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         v = float("nan")
     if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{source}: {name} {_show(value)} is invalid; expected a positive finite distance in mm")
-    return v
-
-
-def _positive_factor(value, name: str, source: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{source}: {name} {_show(value)} is invalid; expected a positive finite factor")
+        raise ValueError(f"{source}: {name} {_show(value)} is invalid; expected a positive finite {expected}")
     return v
 
 
@@ -388,11 +379,6 @@ def _guess_transfer_syntax(ds) -> str | None:
     return f"no transfer syntax in the file (no file meta): decoded as {uid.name}, the dataset's own encoding"
 
 
-def _tag_values(value) -> list:
-    """A multi-valued tag as a list; a single value (one number where two were expected) as a list of one."""
-    return [value] if isinstance(value, (str, bytes, int, float)) else list(value)
-
-
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return lines[0] if lines else ""
@@ -431,13 +417,14 @@ def _patient_orientation(ds, path: Path) -> tuple[str, str] | None:
 def _dicom_geometry(ds, px: _Pixels, path: Path) -> None:
     """Detector pitch and distances from the DICOM tags (provenance in ``px.notes``)."""
     ermf = _tag(ds, "EstimatedRadiographicMagnificationFactor")
-    ermf = _positive_factor(ermf, "(0018,1114) Estimated Radiographic Magnification Factor", str(path)) if ermf is not None else None
+    ermf = _positive(ermf, "(0018,1114) Estimated Radiographic Magnification Factor", str(path),
+                     "factor") if ermf is not None else None
     ips, ps, nsps = (_tag(ds, k) for k in ("ImagerPixelSpacing", "PixelSpacing", "NominalScannedPixelSpacing"))
     if ips is not None:
-        px.spacing = _positive_pair(_tag_values(ips), "(0018,1164) Imager Pixel Spacing", str(path))
+        px.spacing = _positive_pair(ips, "(0018,1164) Imager Pixel Spacing", str(path))
         px.notes.append(f"pixel spacing {px.spacing[0]:.4g} x {px.spacing[1]:.4g} mm (Imager Pixel Spacing)")
     elif ps is not None:
-        px.spacing = _positive_pair(_tag_values(ps), "(0028,0030) Pixel Spacing", str(path))
+        px.spacing = _positive_pair(ps, "(0028,0030) Pixel Spacing", str(path))
         calibrated = _tag(ds, "PixelSpacingCalibrationType") is not None
         if calibrated and ermf is not None and ermf > 1:
             px.spacing = (px.spacing[0] * ermf, px.spacing[1] * ermf)
@@ -447,7 +434,7 @@ def _dicom_geometry(ds, px: _Pixels, path: Path) -> None:
             px.notes.append(f"pixel spacing {px.spacing[0]:.4g} x {px.spacing[1]:.4g} mm (Pixel Spacing, taken at "
                             "the detector)")
     elif nsps is not None:
-        px.spacing = _positive_pair(_tag_values(nsps), "(0018,2010) Nominal Scanned Pixel Spacing", str(path))
+        px.spacing = _positive_pair(nsps, "(0018,2010) Nominal Scanned Pixel Spacing", str(path))
         px.notes.append(f"pixel spacing {px.spacing[0]:.4g} x {px.spacing[1]:.4g} mm (Nominal Scanned Pixel Spacing)")
     sdd = _tag(ds, "DistanceSourceToDetector")
     if sdd is not None:
