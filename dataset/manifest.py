@@ -22,6 +22,16 @@ def is_plain_name(name: str) -> bool:
     return bool(name) and not any(c in name for c in "/\\\0") and not name.startswith(".")
 
 
+def split_fractions(fractions) -> np.ndarray:
+    """``(train, val, test)`` fractions normalised to sum 1, else ``ValueError`` (three finite non-negative numbers
+    with a positive sum are expected)."""
+    f = np.asarray(fractions, dtype=float)
+    if f.shape != (3,) or not np.isfinite(f).all() or (f < 0).any() or f.sum() <= 0:
+        raise ValueError(f"split fractions {tuple(np.ravel(fractions))!r} are invalid; expected three non-negative "
+                         "numbers with a positive sum")
+    return f / f.sum()
+
+
 def assign_splits(subject_ids: list[str], seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                   existing: dict[str, str] | None = None) -> dict[str, str]:
     """Seeded train/val/test assignment that never moves a subject once it has a split.
@@ -36,10 +46,7 @@ def assign_splits(subject_ids: list[str], seed: int, fractions: tuple[float, flo
         fractions: target ``(train, val, test)`` fractions (normalised to sum 1).
         existing: splits already written (kept as they are).
     """
-    f = np.asarray(fractions, dtype=float)
-    if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
-        raise ValueError(f"split fractions {fractions!r} are invalid; expected three non-negative numbers")
-    f = f / f.sum()
+    f = split_fractions(fractions)
     out = {k: v for k, v in (existing or {}).items() if k in set(subject_ids)}
     new = sorted(set(subject_ids) - set(out))
     order = np.random.default_rng(seed).permutation(len(new))

@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torchio as tio
@@ -44,7 +43,7 @@ from dataset.dataset_info import FILE_NAME, DatasetInfo
 from dataset.drr import MAX_ANGLE, VIEWS, DRRGeometry, render_drr_pair
 from dataset.intensity import HUWindow
 from dataset.io import atomic_save_torch, ct_subject_id, is_ct_source, read_ct, write_nifti
-from dataset.manifest import Manifest, assign_splits, is_plain_name
+from dataset.manifest import Manifest, assign_splits, is_plain_name, split_fractions
 from dataset.preprocess import Preprocessor, preprocessed_volume
 from dataset.volume import ORIENTATION, volume_affine
 
@@ -344,10 +343,7 @@ def write_prepared_dataset(ids: Sequence[str], out: str | Path, info: DatasetInf
     """
     out = Path(out).resolve()  # manifest paths are written relative to the CSV, so build them absolute
     ids = list(ids)
-    f = np.asarray(fractions, dtype=float)
-    if f.shape != (3,) or not np.isfinite(f).all() or (f < 0).any() or f.sum() <= 0:  # before any subject is written
-        raise ValueError(f"split fractions {tuple(fractions)!r} are invalid; expected three non-negative numbers "
-                         "with a positive sum")
+    split_fractions(fractions)  # checked before any subject is written
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; expected an output folder")
     unsafe = [sid for sid in ids if not is_plain_name(str(sid))]
