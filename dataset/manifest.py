@@ -27,7 +27,7 @@ def split_fractions(fractions) -> np.ndarray:
     with a positive sum are expected)."""
     f = np.asarray(fractions, dtype=float)
     if f.shape != (3,) or not np.isfinite(f).all() or (f < 0).any() or f.sum() <= 0:
-        raise ValueError(f"split fractions {tuple(np.ravel(fractions))!r} are invalid; expected three non-negative "
+        raise ValueError(f"split fractions {tuple(f.ravel().tolist())!r} are invalid; expected three non-negative "
                          "numbers with a positive sum")
     return f / f.sum()
 
