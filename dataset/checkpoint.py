@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,14 +183,44 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: str |
     module.load_state_dict(dict(state), strict=True)
 
 
+def _float_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not obj.is_meta and obj.numel():
+            yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _float_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _float_tensors(value, f"{prefix}[{i}]")
+
+
+def nonfinite_tensors(parts: Mapping, keys: Sequence[str] | None = None) -> list[str]:
+    """Names of the floating-point tensors (nested in dicts / lists too) under ``keys`` of ``parts`` (all keys when
+    None) that hold NaN or Inf; empty when all are finite.
+
+    One reduction per tensor and one host transfer per device, so it is cheap next to writing a checkpoint.
+    """
+    items = [item for key in (parts if keys is None else keys) if key in parts
+             for item in _float_tensors(parts[key], str(key))]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(items):
+        by_device.setdefault(t.device, []).append(i)
+    bad: list[int] = []
+    for index in by_device.values():
+        finite = torch.stack([torch.isfinite(items[i][1]).all() for i in index]).cpu()
+        if not bool(finite.all()):
+            bad += [i for i, ok in zip(index, finite.tolist()) if not ok]
+    return [items[i][0] for i in sorted(bad)]
+
+
 def check_finite_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Refuse weights with NaN or Inf values: a model that diverged produces NaN volumes without complaint.
 
     Raises:
         CheckpointError: naming ``path``, how many tensors are affected and the first of them.
     """
-    bad = [k for k, t in state.items()
-           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = nonfinite_tensors(state)
     if bad:
         raise CheckpointError(f"{path}: holds non-finite weights ({len(bad)} of {len(state)} tensors, e.g. {bad[0]}); "
                               "expected finite weights: the run that wrote it diverged, use an earlier checkpoint")

@@ -21,6 +21,7 @@ import torchio as tio
 
 from AutoEncoder import LoadedAutoencoder, PatchVolumeAutoencoder, load_autoencoder
 from dataset import DatasetInfo, DRRGeometry, HUWindow, volume_to_image
+from dataset.cli import parse_device
 from ddpm import LoadedBiFlowNet, guided, load_biflownet
 from evaluation.projection_guidance import GuidanceSettings, ProjectionGuidance
 
@@ -28,8 +29,8 @@ SAMPLERS = ("ddim", "ddpm", "rflow")
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available, else CPU (:func:`dataset.cli.parse_device` of no value)."""
+    return parse_device(None)
 
 
 @dataclass

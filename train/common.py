@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from dataset.cli import BAD_INPUT, EXIT_NONFINITE, check_range
-from dataset.checkpoint import read_checkpoint
+from dataset.checkpoint import nonfinite_tensors, read_checkpoint
 from dataset.io import atomic_write
 
 
@@ -272,35 +272,6 @@ class NonFiniteWeightsError(RuntimeError):
 WEIGHT_KEYS = ("state_dict", "optimizer_states")
 
 
-def _float_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
-        if (obj.is_floating_point() or obj.is_complex()) and not obj.is_meta and obj.numel():
-            yield prefix, obj
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from _float_tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _float_tensors(value, f"{prefix}[{i}]")
-
-
-def nonfinite_tensors(checkpoint: Mapping, keys: tuple[str, ...] = WEIGHT_KEYS) -> list[str]:
-    """Names of the floating-point tensors under ``keys`` of ``checkpoint`` that hold NaN or Inf (empty: all finite).
-
-    One reduction per tensor and one host transfer per device, so it is cheap next to writing the checkpoint.
-    """
-    items = [item for key in keys if key in checkpoint for item in _float_tensors(checkpoint[key], key)]
-    by_device: dict[torch.device, list[int]] = {}
-    for i, (_, t) in enumerate(items):
-        by_device.setdefault(t.device, []).append(i)
-    bad: list[int] = []
-    for device, index in by_device.items():
-        finite = torch.stack([torch.isfinite(items[i][1]).all() for i in index]).cpu()
-        if not bool(finite.all()):
-            bad += [i for i, ok in zip(index, finite.tolist()) if not ok]
-    return [items[i][0] for i in sorted(bad)]
-
-
 def describe_tensors(names: list[str]) -> str:
     """``a.weight`` / ``a.weight and 3 more tensors``."""
     return names[0] + (f" and {len(names) - 1} more tensor{'s' if len(names) > 2 else ''}" if len(names) > 1 else "")
@@ -344,7 +315,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         path = Path(path)
-        bad = nonfinite_tensors(checkpoint)
+        bad = nonfinite_tensors(checkpoint, WEIGHT_KEYS)
         if bad:
             raise NonFiniteWeightsError(f"{path}: not written: its weights hold non-finite values (NaN/Inf) in "
                                         f"{describe_tensors(bad)} at step {checkpoint.get('global_step')}")
@@ -397,7 +368,7 @@ class FiniteWeights(L.Callback):
         self._first_bad = torch.where(bad & (self._first_bad == self.NEVER), trainer.global_step, self._first_bad)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        bad = nonfinite_tensors(checkpoint)
+        bad = nonfinite_tensors(checkpoint, WEIGHT_KEYS)
         if trainer.strategy.reduce_boolean_decision(not bad, all=True):
             return
         step = int(checkpoint.get("global_step", trainer.global_step))

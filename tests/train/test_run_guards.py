@@ -45,12 +45,12 @@ def _patchvolume(manifest: Path, out: Path, steps: int, every: int = 2) -> list[
 
 def _checkpoints(folder: Path) -> dict[str, dict]:
     """Every checkpoint in ``folder`` by name; each must hold finite weights and optimiser state."""
-    from train.common import nonfinite_tensors
+    from train.common import WEIGHT_KEYS, nonfinite_tensors
 
     found = {}
     for path in sorted(folder.glob("*.ckpt")):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert nonfinite_tensors(ckpt) == [], f"{path.name} holds non-finite tensors"
+        assert nonfinite_tensors(ckpt, WEIGHT_KEYS) == [], f"{path.name} holds non-finite tensors"
         found[path.name] = ckpt
     return found
 
