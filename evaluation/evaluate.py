@@ -489,9 +489,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"{out}: output exists and is not empty; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file; expected a folder")
-    check_writable(out / "summary.json", "evaluation results")
+    check_writable(out / "summary.json", "evaluation results")  # also refuses an --out that is a file
     if (args.hu_min is None) != (args.hu_max is None):
         raise ValueError(f"--hu-min {args.hu_min} / --hu-max {args.hu_max}: give both or neither")
     info = _dataset_info(args)
